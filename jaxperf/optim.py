@@ -1,0 +1,124 @@
+"""Optimizers and learning-rate schedules as MLPerf specifies them.
+
+`mlperf_lars` follows the update of the MLPerf reference LARS (TensorFlow
+`MLPERF_LARSOptimizer`, MXNet `SGDwFASTLARS`): for every variable not excluded
+(batch-norm parameters and biases are),
+
+    trust  = eeta * |w| / (|g| + wd * |w| + eps)   (1 where |w| or |g| is 0)
+    v      = momentum * v + lr * trust * (g + wd * w)
+    w      = w - v
+
+and for excluded variables plain momentum SGD without weight decay:
+v = momentum * v + lr * g. Note the denominator |g| + wd|w|, which is not the
+|g + wd w| of optax.lars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def poly_warmup_schedule(base_lr: float, warmup_steps: int, total_steps: int,
+                         end_lr: float = 1e-4, power: float = 2.0) -> Schedule:
+  """Linear warmup to base_lr, then polynomial decay to end_lr.
+
+  As the reference's PolynomialDecayWithWarmup: decay runs over
+  decay_steps = total_steps - warmup_steps + 1 steps (see `decay_steps`).
+  """
+  decay = decay_steps(warmup_steps, total_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * step / max(warmup_steps, 1)
+    frac = jnp.clip((step - warmup_steps) / decay, 0.0, 1.0)
+    poly = (base_lr - end_lr) * (1.0 - frac) ** power + end_lr
+    return jnp.where(step < warmup_steps, warm, poly)
+
+  return schedule
+
+
+def decay_steps(warmup_steps: int, total_steps: int) -> int:
+  return max(total_steps - warmup_steps + 1, 1)
+
+
+class LarsState(NamedTuple):
+  count: jax.Array
+  momentum: Any
+
+
+def mlperf_lars(learning_rate: Schedule | float, *, momentum: float = 0.9,
+                weight_decay: float = 1e-4, eeta: float = 1e-3,
+                epsilon: float = 0.0,
+                lars_mask: Any | Callable[[Any], Any] = None
+                ) -> optax.GradientTransformation:
+  """LARS with the MLPerf reference's trust ratio and exclusions.
+
+  Args:
+    learning_rate: a float or a schedule of the step count.
+    lars_mask: a pytree of bools like the params (or a function of params to
+      one): True where LARS scaling and weight decay apply, False for the
+      excluded (batch-norm and bias) variables. None applies LARS everywhere.
+  """
+  lr_fn = learning_rate if callable(learning_rate) else (
+      lambda _: jnp.asarray(learning_rate, jnp.float32))
+
+  def init(params):
+    return LarsState(jnp.zeros([], jnp.int32),
+                     jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError('mlperf_lars needs params to compute trust ratios')
+    mask = lars_mask(params) if callable(lars_mask) else lars_mask
+    if mask is None:
+      mask = jax.tree.map(lambda _: True, params)
+    lr = lr_fn(state.count)
+
+    def one(g, w, v, use_lars):
+      g32 = g.astype(jnp.float32)
+      w32 = w.astype(jnp.float32)
+      if use_lars:
+        w_norm = jnp.linalg.norm(w32)
+        g_norm = jnp.linalg.norm(g32)
+        trust = jnp.where(
+            (w_norm > 0) & (g_norm > 0),
+            eeta * w_norm / (g_norm + weight_decay * w_norm + epsilon), 1.0)
+        step = lr * trust * (g32 + weight_decay * w32)
+      else:
+        step = lr * g32
+      v_new = momentum * v + step
+      return -v_new.astype(w.dtype), v_new
+
+    out = jax.tree.map(one, grads, params, state.momentum, mask)
+    treedef = jax.tree.structure(grads)
+    leaves = treedef.flatten_up_to(out)
+    updates = treedef.unflatten([u for u, _ in leaves])
+    new_mom = treedef.unflatten([v for _, v in leaves])
+    return updates, LarsState(state.count + 1, new_mom)
+
+  return optax.GradientTransformation(init, update)
+
+
+def sgd_momentum(learning_rate: Schedule | float, *, momentum: float = 0.9,
+                 weight_decay: float = 1e-4,
+                 decay_mask: Any = None) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.sgd(learning_rate, momentum=momentum))
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for conv/dense kernels; False for biases and batch-norm params."""
+  def keep(path, _):
+    last = path[-1]
+    name = getattr(last, 'key', getattr(last, 'name', str(last)))
+    return name == 'kernel'
+  return jax.tree_util.tree_map_with_path(keep, params)

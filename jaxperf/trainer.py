@@ -1,0 +1,460 @@
+"""The one training loop all workloads share.
+
+init (state created sharded, steps compiled ahead of time) -> run_start ->
+blocks of training between evaluations at the workload's cadence -> stop at
+the quality target (success) or the end of the schedule (aborted).
+
+Inside a block, `steps_per_dispatch` steps run per call (a lax.scan on
+device); the host prepares the next call's batches while the device works and
+reads the previous call's metrics only after dispatching the next one, so it
+never waits on the device between steps. Checkpoints restore everything a
+resumed run needs to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxperf import config as config_lib
+from jaxperf.checkpoint import Checkpointer
+from jaxperf.errors import ConfigError, TrainingError
+from jaxperf.mlperf_log import C, MLPerfLogger
+from jaxperf.sharding import mesh as mesh_lib
+from jaxperf.workloads.base import TrainState, Workload, new_rng
+
+
+@dataclasses.dataclass
+class RunOptions:
+  workdir: str
+  data_dir: str | None = None
+  mesh: str | None = None
+  out: TextIO = sys.stdout
+
+
+@dataclasses.dataclass
+class RunResult:
+  status: str                 # success | aborted | preempted
+  step: int
+  epoch: float
+  evals: list[dict[str, Any]]
+  run_seconds: float | None   # run_start -> run_stop (None if preempted)
+  compile_seconds: float
+  log_path: str | None
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class _Metrics:
+  """metrics.jsonl: one JSON object per line, step records and evaluations."""
+
+  def __init__(self, path: str, keep_until_step: int | None):
+    self.path = path
+    kept = []
+    if keep_until_step is not None and os.path.exists(path):
+      # A resumed run drops what the interrupted run wrote past its
+      # checkpoint, so the file reads as if the run had never stopped.
+      with open(path) as f:
+        for line in f:
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+          if rec.get('step', 0) <= keep_until_step:
+            kept.append(rec)
+    self._f = open(path, 'w')
+    for rec in kept:
+      self.write(rec)
+
+  def write(self, record: dict[str, Any]) -> None:
+    self._f.write(json.dumps(record) + '\n')
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+class Trainer:
+  """Runs one workload to its target. See the module docstring."""
+
+  def __init__(self, workload: Workload, options: RunOptions):
+    self.w = workload
+    self.cfg = workload.config
+    self.opts = options
+    self.out = options.out
+    self._stop_requested = False
+
+  # ---------------------------------------------------------------- helpers
+  def say(self, msg: str) -> None:
+    if jax.process_index() == 0:
+      print(msg, file=self.out, flush=True)
+
+  def _install_sigterm(self):
+    if threading.current_thread() is not threading.main_thread():
+      return None
+
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      self._stop_requested = True
+    return signal.signal(signal.SIGTERM, handler)
+
+  # ---------------------------------------------------------------- run
+  def run(self) -> RunResult:
+    previous = self._install_sigterm()
+    try:
+      return self._run()
+    finally:
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+  def _run(self) -> RunResult:
+    w, cfg, opts = self.w, self.cfg, self.opts
+    os.makedirs(opts.workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(opts.workdir, 'checkpoints'),
+                        keep=int(cfg.checkpoints_to_keep))
+    for path in ckpt.incomplete():
+      self.say(f'warning: ignoring {path}: an interrupted checkpoint save')
+    resume_step = ckpt.latest_step()
+
+    # One MLPerf log per attempt: mllog appends, and the checker wants one
+    # run per file.
+    attempt = 0
+    log_path = os.path.join(opts.workdir, 'mlperf_log.txt')
+    while os.path.exists(log_path):
+      attempt += 1
+      log_path = os.path.join(opts.workdir, f'mlperf_log.resume{attempt}.txt')
+    ml = MLPerfLogger(log_path)
+    ml.event(C.CACHE_CLEAR, True)
+    ml.start(C.INIT_START)
+
+    mesh = mesh_lib.make_mesh(opts.mesh)
+    n_data = mesh_lib.data_parallel_size(mesh)
+    gbs = int(cfg.global_batch_size)
+    ebs = int(cfg.eval_batch_size)
+    for name, value in (('global_batch_size', gbs), ('eval_batch_size', ebs)):
+      if value % n_data or value % jax.process_count():
+        raise ConfigError(
+            f'{name}={value} does not divide evenly over the {n_data} '
+            f'data-parallel devices of --mesh {mesh_lib.describe(mesh)}')
+
+    record: dict[str, Any] = {}
+    seed = cfg.seed
+    if resume_step is not None:
+      # The seed (hence data order) of a resumed run is the original one.
+      record = dict(_peek_record(ckpt, resume_step))
+      seed = record.get('seed', seed)
+    if seed is None:
+      seed = int(time.time_ns() % (2**31 - 1))
+    seed = int(seed)
+
+    platform = f'{jax.device_count()}x{jax.devices()[0].device_kind}'
+    ml.event(C.SUBMISSION_ORG, cfg.submission_org)
+    ml.event(C.SUBMISSION_PLATFORM, cfg.submission_platform or platform)
+    ml.event(C.SUBMISSION_DIVISION, cfg.division)
+    ml.event(C.SUBMISSION_STATUS, cfg.submission_status)
+    ml.event(C.SUBMISSION_BENCHMARK, w.benchmark)
+    ml.event(C.SEED, seed)
+
+    train_ds, eval_ds = w.datasets(opts.data_dir, seed)
+    if opts.data_dir is None:
+      self.say('=' * 78)
+      self.say(f'NOTE: no --data-dir given: training {w.name} on SYNTHETIC '
+               f'learnable data ({train_ds.num_examples} train / '
+               f'{eval_ds.num_examples} eval examples). The accuracy reached '
+               f'says nothing about the real benchmark.')
+      self.say('=' * 78)
+    try:
+      return self._train(ml, log_path, mesh, ckpt, resume_step, record, seed,
+                         train_ds, eval_ds)
+    finally:
+      train_ds.close()
+      eval_ds.close()
+      ml.close()
+
+  def _train(self, ml, log_path, mesh, ckpt, resume_step, record, seed,
+             train_ds, eval_ds) -> RunResult:
+    w, cfg, opts = self.w, self.cfg, self.opts
+    gbs = int(cfg.global_batch_size)
+    ebs = int(cfg.eval_batch_size)
+    sched = w.setup(train_ds.num_examples)
+    train_epochs = int(cfg.train_epochs)
+    total_steps = sched.steps_for(train_epochs)
+    eval_epochs = w.eval_epochs(train_epochs)
+    k = max(int(cfg.steps_per_dispatch), 1)
+
+    # ---- state, created sharded ----
+    rng = new_rng(seed)
+    abstract = jax.eval_shape(w.init_state, rng)
+    state_sh = w.state_sharding(abstract, mesh)
+    rep = mesh_lib.replicated(mesh)
+    state = jax.jit(w.init_state, out_shardings=state_sh)(rng)
+    for name in w.initialized_tensors(state):
+      ml.event(C.WEIGHTS_INITIALIZATION, metadata={'tensor': name})
+    for key, value in w.mlperf_hyperparameters().items():
+      ml.event(key, value)
+    ml.event(C.TRAIN_SAMPLES, train_ds.num_examples)
+    ml.event(C.EVAL_SAMPLES, eval_ds.num_examples)
+
+    evals: list[dict[str, Any]] = []
+    if resume_step is not None:
+      abstract_sh = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract, state_sh)
+      state, record = ckpt.restore(resume_step, abstract_sh)
+      evals = list(record.get('evals', []))
+      self.say(f'resumed from {ckpt.directory}/{resume_step} '
+               f'(step {resume_step}, epoch {sched.epoch_of(resume_step):.2f})')
+    start_step = int(jax.device_get(state.step))
+
+    # ---- compile ahead of time ----
+    spec_train = w.batch_spec(gbs, train=True)
+    spec_eval = w.batch_spec(ebs, train=False)
+    batch_axes = mesh_lib.batch_axes(mesh) or None
+    block_sh = {k_: NamedSharding(mesh, P(None, batch_axes)) for k_ in spec_train}
+    eval_sh = {k_: NamedSharding(mesh, P(batch_axes)) for k_ in spec_eval}
+
+    def block(state, batches, n_valid):
+      """`k` steps of which the first n_valid are real (the rest no-ops)."""
+      def body(st, xs):
+        i, batch = xs
+        new_st, metrics = jax.lax.cond(
+            i < n_valid, w.train_step,
+            lambda s, b: (s, jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype),
+                jax.eval_shape(w.train_step, s, b)[1])),
+            st, batch)
+        return new_st, metrics
+      return jax.lax.scan(body, state, (jnp.arange(k), batches))
+
+    stacked = {k_: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype,
+                                        sharding=block_sh[k_])
+               for k_, v in spec_train.items()}
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, state_sh)
+    t0 = time.perf_counter()
+    train_fn = jax.jit(block, donate_argnums=0,
+                       out_shardings=(state_sh, rep)).lower(
+                           abstract_state, stacked,
+                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    eval_fn = jax.jit(w.eval_step, out_shardings=rep).lower(
+        abstract_state, {k_: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                  sharding=eval_sh[k_])
+                         for k_, v in spec_eval.items()}).compile()
+    compile_s = time.perf_counter() - t0
+    self.say(f'{w.name}: {mesh_lib.describe(mesh)}; global batch {gbs}; '
+             f'{total_steps} steps ({train_epochs} epochs of '
+             f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
+             f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
+             f'{w.target}; compiled in {compile_s:.1f}s')
+
+    metrics_log = _Metrics(os.path.join(opts.workdir, 'metrics.jsonl'),
+                           keep_until_step=start_step if resume_step is not None
+                           else None)
+    metrics_log.write({'kind': 'compile', 'step': start_step,
+                       'seconds': round(compile_s, 3)})
+    config_lib_path = os.path.join(opts.workdir, 'config.yaml')
+    with open(config_lib_path, 'w') as f:
+      f.write(config_lib.dump(cfg))
+
+    ml.end(C.INIT_STOP)
+    ml.start(C.RUN_START)
+    run_t0 = time.perf_counter()
+
+    # ---- blocks between evaluations ----
+    step = start_step
+    pidx, pcount = jax.process_index(), jax.process_count()
+    batches = train_ds.train_batches(step, gbs, process_index=pidx,
+                                     process_count=pcount)
+    pending = None        # (first_step, n, device metrics) of the last call
+    last_fetch = (time.perf_counter(), step)
+    last_print_step = step
+    last_ckpt_step = step
+    status = 'aborted'
+    rate = None
+
+    def make_call(n: int):
+      host = [next(batches) for _ in range(n)]
+      pad = k - n
+      local = {}
+      for key_ in spec_train:
+        arr = np.stack([b[key_] for b in host])
+        if pad:
+          arr = np.concatenate([arr, np.zeros((pad,) + arr.shape[1:],
+                                              arr.dtype)])
+        local[key_] = arr
+      return {key_: jax.make_array_from_process_local_data(
+          block_sh[key_], local[key_], (k,) + spec_train[key_].shape)
+              for key_ in spec_train}
+
+    def flush():
+      """Reads the last call's metrics (a host sync) and logs them."""
+      nonlocal pending, last_fetch, last_print_step, rate
+      if pending is None:
+        return
+      first, n, dev = pending
+      pending = None
+      host = jax.device_get(dev)
+      now = time.perf_counter()
+      t_prev, s_prev = last_fetch
+      done = first + n
+      if done > s_prev and now > t_prev:
+        rate = (done - s_prev) * gbs / (now - t_prev)
+      last_fetch = (now, done)
+      for i in range(n):
+        s = first + i + 1
+        rec = {'kind': 'train', 'step': s, 'epoch': round(sched.epoch_of(s), 4)}
+        for key_, arr in host.items():
+          rec[key_] = float(arr[i])
+        if rate is not None:
+          rec['throughput'] = round(rate, 2)
+        if not math.isfinite(rec['loss']):
+          kept = ckpt.all_steps()
+          raise TrainingError(
+              f'non-finite loss ({rec["loss"]}) at step {s}: stopping. '
+              + (f'The last good checkpoint, step {kept[-1]}, is kept in '
+                 f'{ckpt.directory}.' if kept else
+                 'No checkpoint had been written yet.'))
+        metrics_log.write(rec)
+      if done - last_print_step >= int(cfg.log_every_steps) or done == total_steps:
+        last_print_step = done
+        rec_loss = float(host['loss'][n - 1])
+        parts = [f'step {done}/{total_steps}',
+                 f'epoch {sched.epoch_of(done):.2f}',
+                 f'loss {rec_loss:.4f}']
+        if 'learning_rate' in host:
+          parts.append(f'lr {float(host["learning_rate"][n - 1]):.4g}')
+        if rate:
+          parts.append(f'{rate:,.0f} ex/s')
+          parts.append(f'ETA {_fmt_time((total_steps - done) * gbs / rate)}')
+        if evals:
+          e = evals[-1]
+          parts.append(f'last eval {w.metric} {e[w.metric]:.4f} '
+                       f'@ epoch {e["epoch"]}')
+        self.say(' | '.join(parts))
+
+    def save(step_: int):
+      nonlocal last_ckpt_step
+      ckpt.save(step_, state, {'seed': seed, 'evals': evals,
+                               'epoch': sched.epoch_of(step_),
+                               'workload': w.name,
+                               'config': cfg.to_dict()})
+      last_ckpt_step = step_
+
+    try:
+      prev_epoch = 0
+      for epoch_end in eval_epochs:
+        block_end = sched.steps_for(epoch_end)
+        if block_end <= step:
+          prev_epoch = epoch_end
+          continue
+        first_epoch = max(prev_epoch + 1, int(sched.epoch_of(step)) + 1)
+        ml.start(C.BLOCK_START, metadata={
+            C.FIRST_EPOCH_NUM: first_epoch,
+            C.EPOCH_COUNT: epoch_end - first_epoch + 1})
+        while step < block_end:
+          n = min(k, block_end - step)
+          call = make_call(n)
+          state, dev_metrics = train_fn(state, call, jnp.int32(n))
+          first = step
+          step += n
+          flush()                      # the previous call's metrics
+          pending = (first, n, dev_metrics)
+          every = int(cfg.checkpoint_every_steps)
+          if every > 0 and step // every > last_ckpt_step // every \
+              and step < block_end:
+            flush()
+            save(step)
+          if self._stop_requested:
+            flush()
+            save(step)
+            ckpt.wait()
+            raise _Preempted()
+        flush()
+
+        # ---- evaluation ----
+        ml.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch_end})
+        sums = None
+        for batch in eval_ds.eval_batches(ebs, process_index=pidx,
+                                          process_count=pcount):
+          arrays = {key_: jax.make_array_from_process_local_data(
+              eval_sh[key_], np.asarray(batch[key_]), spec_eval[key_].shape)
+                    for key_ in spec_eval}
+          out = eval_fn(state, arrays)
+          sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        result = w.eval_result(jax.device_get(sums))
+        value = result[w.metric]
+        ml.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch_end})
+        ml.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: epoch_end})
+        ml.end(C.BLOCK_STOP, metadata={C.FIRST_EPOCH_NUM: first_epoch})
+        ev = {'kind': 'eval', 'step': step, 'epoch': epoch_end, **result}
+        evals.append(ev)
+        metrics_log.write(ev)
+        reached = w.reached(value)
+        self.say(f'eval @ epoch {epoch_end} (step {step}): {w.metric} = '
+                 f'{value:.4f} (target {w.target})'
+                 + ('  -> target reached' if reached else ''))
+        prev_epoch = epoch_end
+        save(step)
+        if reached:
+          status = 'success'
+          break
+        if self._stop_requested:
+          ckpt.wait()
+          raise _Preempted()
+    except _Preempted:
+      metrics_log.close()
+      self.say(f'SIGTERM: stopped at step {step}; checkpoint saved in '
+               f'{ckpt.directory}. Run the same command to resume.')
+      ckpt.close()
+      return RunResult('preempted', step, sched.epoch_of(step), evals, None,
+                       compile_s, log_path)
+    except BaseException:
+      metrics_log.close()
+      ckpt.wait()
+      raise
+
+    run_s = time.perf_counter() - run_t0
+    ml.end(C.RUN_STOP, metadata={C.STATUS: status})
+    ckpt.close()
+    metrics_log.write({'kind': 'run_stop', 'step': step, 'status': status,
+                       'run_seconds': round(run_s, 3)})
+    metrics_log.close()
+    self.say(f'run_stop: {status} after {step} steps '
+             f'({sched.epoch_of(step):.2f} epochs) in {_fmt_time(run_s)} '
+             f'(run_start to run_stop); MLPerf log: {log_path}')
+    return RunResult(status, step, sched.epoch_of(step), evals, run_s,
+                     compile_s, log_path)
+
+
+def _peek_record(ckpt: Checkpointer, step: int) -> dict:
+  """The JSON record of a checkpoint, read without the state."""
+  path = os.path.join(ckpt.directory, str(step), 'record', 'metadata')
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}

@@ -1,0 +1,157 @@
+"""The workload contract: everything the trainer needs to know about a benchmark.
+
+A workload module gives the trainer its model, optimizer, steps, data and the
+MLPerf identity and hyperparameters; the trainer knows no workload by name.
+Steps are pure functions; losses are sums and counts so padding can be masked.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxperf.config import Config
+from jaxperf.sharding import mesh as mesh_lib
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes: saved and restored whole by checkpoints."""
+  step: jax.Array
+  params: Any
+  model_state: Any     # mutable model collections, e.g. batch statistics
+  opt_state: Any
+  rng: jax.Array       # raw uint32 key data, so it checkpoints as an array
+
+
+class Dataset(Protocol):
+  """What the trainer asks of a training or evaluation source."""
+  num_examples: int
+
+  def train_batches(self, start_step: int, global_batch: int, *,
+                    process_index: int = 0, process_count: int = 1
+                    ) -> Iterator[dict[str, Any]]: ...
+
+  def eval_batches(self, global_batch: int, *, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, Any]]: ...
+
+  def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How a run's steps map onto MLPerf epochs."""
+  train_examples: int
+  global_batch: int
+
+  def steps_for(self, epochs: float) -> int:
+    """Steps until `epochs` epochs of data have been seen (rounded up: the
+    batch that crosses an epoch boundary belongs to the earlier epoch)."""
+    return -(-round(epochs * self.train_examples) // self.global_batch)
+
+  @property
+  def steps_per_epoch(self) -> float:
+    return self.train_examples / self.global_batch
+
+  def epoch_of(self, step: int) -> float:
+    return step * self.global_batch / self.train_examples
+
+
+class Workload(abc.ABC):
+  """One MLPerf benchmark."""
+
+  name: str                 # CLI name, e.g. resnet50
+  benchmark: str            # MLPerf name as the checker spells it, e.g. resnet
+  metric: str               # the quality metric's key in eval results
+  higher_is_better: bool = True
+  description: str = ''
+
+  def __init__(self, config: Config):
+    self.config = config
+    self.schedule: Schedule | None = None
+
+  # --- identity and target -------------------------------------------------
+  @property
+  def target(self) -> float:
+    return float(self.config.target_accuracy)
+
+  def reached(self, value: float) -> bool:
+    return value >= self.target if self.higher_is_better else value <= self.target
+
+  # --- data ----------------------------------------------------------------
+  @abc.abstractmethod
+  def datasets(self, data_dir: str | None, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, eval) sources: the reference format under data_dir, or the
+    synthetic learnable source when data_dir is None."""
+
+  @abc.abstractmethod
+  def batch_spec(self, global_batch: int, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes and dtypes of one batch, for ahead-of-time compilation."""
+
+  def setup(self, train_examples: int) -> Schedule:
+    """Called once the training set size is known, before init."""
+    self.schedule = Schedule(train_examples, int(self.config.global_batch_size))
+    return self.schedule
+
+  # --- state -----------------------------------------------------------------
+  @abc.abstractmethod
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A fresh state (traced under jit with out_shardings by the trainer)."""
+
+  def state_sharding(self, abstract_state: TrainState, mesh: Mesh) -> Any:
+    """Shardings for the state; the default replicates everything."""
+    rep = mesh_lib.replicated(mesh)
+    return jax.tree.map(lambda _: rep, abstract_state)
+
+  # --- steps -----------------------------------------------------------------
+  @abc.abstractmethod
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; metrics must include 'loss'."""
+
+  @abc.abstractmethod
+  def eval_step(self, state: TrainState, batch: Mapping[str, jax.Array]
+                ) -> dict[str, jax.Array]:
+    """Sums over the valid (mask=True) examples of the batch."""
+
+  @abc.abstractmethod
+  def eval_result(self, sums: Mapping[str, float]) -> dict[str, float]:
+    """Final metrics from summed eval_step outputs; includes self.metric."""
+
+  # --- MLPerf logging ----------------------------------------------------------
+  @abc.abstractmethod
+  def mlperf_hyperparameters(self) -> dict[str, Any]:
+    """Hyperparameters with the exact keys the checker wants."""
+
+  @abc.abstractmethod
+  def initialized_tensors(self, state: TrainState) -> list[str]:
+    """The tensor names the weights_initialization events carry."""
+
+  def eval_epochs(self, train_epochs: int) -> list[int]:
+    """Epoch numbers (from 1) after which to evaluate."""
+    every = int(self.config.eval_every_epochs)
+    offset = int(self.config.eval_offset_epochs) % every
+    first = offset if offset > 0 else every
+    epochs = list(range(first, train_epochs + 1, every))
+    if not epochs or epochs[-1] != train_epochs:
+      epochs.append(train_epochs)
+    return epochs
+
+
+def rng_key(state: TrainState) -> jax.Array:
+  return jax.random.wrap_key_data(state.rng)
+
+
+def new_rng(seed: int) -> jax.Array:
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
