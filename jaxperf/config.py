@@ -108,6 +108,12 @@ def _coerce(key: str, value: Any, reference: Any, where: str) -> Any:
   """Checks `value` against the type of the base value it overrides."""
   if reference is None or value is None:
     return value
+  if (isinstance(reference, (int, float)) and not isinstance(reference, bool)
+      and isinstance(value, str)):
+    try:  # YAML reads 1e9 (no dot) as a string
+      value = float(value)
+    except ValueError:
+      pass
   if isinstance(reference, bool):
     if isinstance(value, bool):
       return value
