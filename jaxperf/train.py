@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='persistent XLA compilation cache directory '
                       '(default: $JAXPERF_CACHE_DIR or ~/.cache/jaxperf/xla; '
                       '"none" disables it)')
+  p.add_argument('--compile-only', action='store_true',
+                 help='build the state, compile the steps, report the compile '
+                      'time and exit without training')
   p.add_argument('--print-config', action='store_true',
                  help='print the resolved config and exit')
   return p
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or os.path.join('runs', f'{name}-{cfg.scale}')
     workload = cls(cfg)
     result = Trainer(workload, RunOptions(
-        workdir=workdir, data_dir=args.data_dir, mesh=args.mesh)).run()
+        workdir=workdir, data_dir=args.data_dir, mesh=args.mesh,
+        compile_only=args.compile_only)).run()
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130
-  return 0 if result.status in ('success', 'preempted') else 1
+  return 0 if result.status in ('success', 'preempted', 'compiled') else 1
 
 
 if __name__ == '__main__':

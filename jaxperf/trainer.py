@@ -42,12 +42,13 @@ class RunOptions:
   workdir: str
   data_dir: str | None = None
   mesh: str | None = None
+  compile_only: bool = False   # stop after ahead-of-time compilation
   out: TextIO = sys.stdout
 
 
 @dataclasses.dataclass
 class RunResult:
-  status: str                 # success | aborted | preempted
+  status: str                 # success | aborted | preempted | compiled
   step: int
   epoch: float
   evals: list[dict[str, Any]]
@@ -271,6 +272,11 @@ class Trainer:
              f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
              f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
              f'{w.target}; compiled in {compile_s:.1f}s')
+    if opts.compile_only:
+      self.say(f'compile only: train step ({k} steps per call) and eval step '
+               f'compiled in {compile_s:.1f}s; not training')
+      return RunResult('compiled', start_step, sched.epoch_of(start_step), evals,
+                       None, compile_s, log_path)
 
     metrics_log = _Metrics(os.path.join(opts.workdir, 'metrics.jsonl'),
                            keep_until_step=start_step if resume_step is not None
