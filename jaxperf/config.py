@@ -36,6 +36,8 @@ class Config(Mapping):
     object.__setattr__(self, 'scale', scale)
 
   def __getattr__(self, name):
+    if name.startswith('_'):  # copy/pickle probe dunders before __init__ ran
+      raise AttributeError(name)
     try:
       return self._values[name]
     except KeyError:

@@ -71,7 +71,8 @@ def mlperf_lars(learning_rate: Schedule | float, *, momentum: float = 0.9,
 
   def init(params):
     return LarsState(jnp.zeros([], jnp.int32),
-                     jax.tree.map(jnp.zeros_like, params))
+                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                                  params))
 
   def update(grads, state, params=None):
     if params is None:

@@ -53,7 +53,11 @@ def make_mesh(spec: str | Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a mesh over `devices` (default: all). Default spec: data=<all>."""
   devices = list(jax.devices() if devices is None else devices)
-  axes = parse_mesh_spec(spec) if isinstance(spec, (str, type(None))) else dict(spec)
+  if not devices:
+    raise ConfigError('cannot build a mesh over an empty list of devices')
+  if isinstance(spec, Mapping):
+    spec = ','.join(f'{k}={v}' for k, v in spec.items())
+  axes = parse_mesh_spec(spec)
   if not axes:
     axes = {'data': len(devices)}
   total = math.prod(axes.values())

@@ -147,9 +147,6 @@ def test_config_equality():
   assert a != a.replace(width=8)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason='Config.__getattr__ recurses on a copy made '
-                   'without __init__ (no _values yet)')
 def test_config_copies_and_pickles():
   cfg = load_config('resnet50', 'smoke')
   for clone in (copy.copy(cfg), pickle.loads(pickle.dumps(cfg))):
