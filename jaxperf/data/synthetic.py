@@ -1,6 +1,7 @@
 """A synthetic, learnable image-classification source with ImageNet's interface.
 
-Each class has a fixed smooth colour pattern (its prototype); an example is its
+Each class has a fixed smooth colour pattern (its prototype: a 4x4 grid of
+colours, interpolated to the image size); an example is its
 class's prototype plus noise drawn from a bank of noise images, so the label is
 a function of the image that a convnet can learn, and the task gets harder as
 `noise` grows. Batches are deterministic in (seed, step) and the stream can
@@ -16,15 +17,16 @@ import numpy as np
 _BANK = 257  # noise images per split (prime, so strides cycle through all)
 
 
-def _upsample(small: np.ndarray, size: int) -> np.ndarray:
-  """Nearest-neighbour then a box blur: smooth prototypes of any size."""
-  reps = -(-size // small.shape[1])
-  big = small.repeat(reps, axis=1).repeat(reps, axis=2)[:, :size, :size]
-  k = max(reps // 2, 1)
-  out = big.astype(np.float32)
-  for axis in (1, 2):
-    out = sum(np.roll(out, s, axis=axis) for s in range(-k, k + 1)) / (2 * k + 1)
-  return out
+def _interpolation(size: int, cells: int) -> np.ndarray:
+  """(size, cells) weights that linearly interpolate `cells` values to `size`."""
+  pos = (np.arange(size) + 0.5) * cells / size - 0.5
+  lo = np.clip(np.floor(pos).astype(int), 0, cells - 1)
+  hi = np.clip(lo + 1, 0, cells - 1)
+  frac = np.clip(pos - lo, 0.0, 1.0)
+  w = np.zeros((size, cells), np.float32)
+  w[np.arange(size), lo] += 1 - frac
+  w[np.arange(size), hi] += frac
+  return w
 
 
 class SyntheticImages:
@@ -32,7 +34,8 @@ class SyntheticImages:
 
   def __init__(self, num_examples: int, num_classes: int, image_size: int, *,
                seed: int = 0, shuffle_seed: int | None = None,
-               noise: float = 40.0, split: str = 'train'):
+               noise: float = 40.0, label_noise: float = 0.0,
+               split: str = 'train'):
     if num_examples < 1 or num_classes < 1 or image_size < 1:
       raise ValueError('synthetic data needs positive sizes')
     self.num_examples = int(num_examples)
@@ -44,19 +47,33 @@ class SyntheticImages:
     # Prototypes and labels depend on the data seed only, so train and eval
     # share classes; the noise bank differs between splits.
     proto_rng = np.random.default_rng([self.seed, 0xC1A55])
-    grid = proto_rng.uniform(40, 215, (num_classes, 4, 4, 3)).astype(np.float32)
-    self._protos = _upsample(grid, self.image_size)
+    self._grid = proto_rng.uniform(40, 215, (num_classes, 4, 4, 3)).astype(
+        np.float32)
+    self._interp = _interpolation(self.image_size, 4)
     split_id = 1 if split == 'train' else 2
     bank_rng = np.random.default_rng([self.seed, split_id])
-    self._bank = (bank_rng.standard_normal(
-        (_BANK, self.image_size, self.image_size, 3)) * noise).astype(np.float32)
-    self._labels = np.random.default_rng([self.seed, split_id, 7]).integers(
-        0, num_classes, self.num_examples).astype(np.int32)
+    # int8 keeps the bank small at 224x224 (noise beyond +-127 is clipped).
+    self._bank = np.clip(np.rint(bank_rng.standard_normal(
+        (_BANK, self.image_size, self.image_size, 3), np.float32) * noise),
+                         -127, 127).astype(np.int8)
+    label_rng = np.random.default_rng([self.seed, split_id, 7])
+    self._classes = label_rng.integers(0, num_classes, self.num_examples
+                                       ).astype(np.int32)
+    # A fraction of examples carry a random label, so no model is perfect
+    # (as on real data): accuracy tops out near 1 - label_noise * (1 - 1/C).
+    flip = label_rng.random(self.num_examples) < label_noise
+    self._labels = np.where(
+        flip, label_rng.integers(0, num_classes, self.num_examples),
+        self._classes).astype(np.int32)
 
   def _images(self, index: np.ndarray, epoch: np.ndarray) -> dict[str, np.ndarray]:
     labels = self._labels[index]
+    classes = self._classes[index]
     noise = self._bank[(index * 31 + epoch * 17) % _BANK]
-    img = np.clip(self._protos[labels] + noise, 0, 255).astype(np.uint8)
+    # Smooth class prototype: the 4x4 colour grid of the label, interpolated.
+    proto = np.einsum('ih,bhwc,jw->bijc', self._interp, self._grid[classes],
+                      self._interp, optimize=True)
+    img = np.clip(proto + noise, 0, 255).astype(np.uint8)
     return {'image': img, 'label': labels}
 
   def train_batches(self, start_step: int, global_batch: int, *,

@@ -56,9 +56,12 @@ class ResNet50(Workload):
     if data_dir is None:
       train = SyntheticImages(c.synthetic_train_samples, c.num_classes,
                               c.image_size, seed=0, shuffle_seed=seed,
-                              noise=c.synthetic_noise, split='train')
+                              noise=c.synthetic_noise,
+                              label_noise=c.synthetic_label_noise,
+                              split='train')
       evals = SyntheticImages(c.synthetic_eval_samples, c.num_classes,
                               c.image_size, seed=0, noise=c.synthetic_noise,
+                              label_noise=c.synthetic_label_noise,
                               split='eval')
       return train, evals
     from jaxperf.data.imagenet import open_imagenet  # pylint: disable=g-import-not-at-top
