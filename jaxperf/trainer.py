@@ -71,8 +71,12 @@ def _fmt_time(seconds: float) -> str:
 class _Metrics:
   """metrics.jsonl: one JSON object per line, step records and evaluations."""
 
-  def __init__(self, path: str, keep_until_step: int | None):
+  def __init__(self, path: str, keep_until_step: int | None,
+               enabled: bool = True):
     self.path = path
+    self.enabled = enabled
+    if not enabled:  # only process 0 writes
+      return
     kept = []
     if keep_until_step is not None and os.path.exists(path):
       # A resumed run drops what the interrupted run wrote past its
@@ -93,11 +97,14 @@ class _Metrics:
       self.write(rec)
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     self._f.write(json.dumps(record) + '\n')
     self._f.flush()
 
   def close(self):
-    self._f.close()
+    if self.enabled:
+      self._f.close()
 
 
 class Trainer:
@@ -280,12 +287,12 @@ class Trainer:
 
     metrics_log = _Metrics(os.path.join(opts.workdir, 'metrics.jsonl'),
                            keep_until_step=start_step if resume_step is not None
-                           else None)
+                           else None, enabled=jax.process_index() == 0)
     metrics_log.write({'kind': 'compile', 'step': start_step,
                        'seconds': round(compile_s, 3)})
-    config_lib_path = os.path.join(opts.workdir, 'config.yaml')
-    with open(config_lib_path, 'w') as f:
-      f.write(config_lib.dump(cfg))
+    if jax.process_index() == 0:
+      with open(os.path.join(opts.workdir, 'config.yaml'), 'w') as f:
+        f.write(config_lib.dump(cfg))
 
     ml.end(C.INIT_STOP)
     ml.start(C.RUN_START)
