@@ -324,9 +324,13 @@ def _matching(directory: str, pattern: re.Pattern) -> list[str]:
 
 
 def open_imagenet(data_dir: str, *, image_size: int, seed: int,
-                  num_workers: int = 8, prefetch: int = 2
-                  ) -> tuple[ImageDataset, ImageDataset]:
-  """(train, eval) datasets from whichever ImageNet layout `data_dir` holds."""
+                  num_workers: int = 8, prefetch: int = 2,
+                  num_classes: int = 1000) -> tuple[ImageDataset, ImageDataset]:
+  """(train, eval) datasets from whichever ImageNet layout `data_dir` holds.
+
+  Folders define their classes; TFRecord labels are checked against
+  `num_classes`.
+  """
   if not os.path.isdir(data_dir):
     raise DataError(f'--data-dir {data_dir}: no such directory')
   entries = os.listdir(data_dir)
@@ -360,8 +364,10 @@ def open_imagenet(data_dir: str, *, image_size: int, seed: int,
         if not val_files:
           raise DataError(f'{directory}: training TFRecords but no validation '
                           f'shards ({va.pattern})')
-        return (ImageDataset(TFRecordRecords(train_files, **spec), **kw),
-                ImageDataset(TFRecordRecords(val_files, **spec), **kw))
+        return (ImageDataset(TFRecordRecords(train_files, **spec,
+                                             num_classes=num_classes), **kw),
+                ImageDataset(TFRecordRecords(val_files, **spec,
+                                             num_classes=num_classes), **kw))
   raise DataError(
       f'--data-dir {data_dir}: no ImageNet found. Expected one of: '
       f'train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; MLPerf TFRecords '

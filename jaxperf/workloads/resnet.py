@@ -66,7 +66,8 @@ class ResNet50(Workload):
       return train, evals
     from jaxperf.data.imagenet import open_imagenet  # pylint: disable=g-import-not-at-top
     train, evals = open_imagenet(data_dir, image_size=c.image_size, seed=seed,
-                                 num_workers=c.data_workers)
+                                 num_workers=c.data_workers,
+                                 num_classes=c.num_classes)
     for ds in (train, evals):
       if ds.num_classes != c.num_classes:
         raise ConfigError(
