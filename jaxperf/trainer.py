@@ -148,17 +148,6 @@ class Trainer:
       self.say(f'warning: ignoring {path}: an interrupted checkpoint save')
     resume_step = ckpt.latest_step()
 
-    # One MLPerf log per attempt: mllog appends, and the checker wants one
-    # run per file.
-    attempt = 0
-    log_path = os.path.join(opts.workdir, 'mlperf_log.txt')
-    while os.path.exists(log_path):
-      attempt += 1
-      log_path = os.path.join(opts.workdir, f'mlperf_log.resume{attempt}.txt')
-    ml = MLPerfLogger(log_path)
-    ml.event(C.CACHE_CLEAR, True)
-    ml.start(C.INIT_START)
-
     mesh = mesh_lib.make_mesh(opts.mesh)
     n_data = mesh_lib.data_parallel_size(mesh)
     gbs = int(cfg.global_batch_size)
@@ -175,9 +164,29 @@ class Trainer:
       # The seed (hence data order) of a resumed run is the original one.
       record = dict(_peek_record(ckpt, resume_step))
       seed = record.get('seed', seed)
+      done = record.get('evals') or []
+      if done and w.reached(done[-1][w.metric]):
+        self.say(f'{opts.workdir}: this run already reached the target '
+                 f'({w.metric} {done[-1][w.metric]:.4f} at epoch '
+                 f'{done[-1]["epoch"]}); nothing to do. Use a new --workdir '
+                 f'to train again.')
+        return RunResult('success', resume_step, record.get('epoch', 0.0),
+                         done, None, 0.0, None)
     if seed is None:
       seed = int(time.time_ns() % (2**31 - 1))
     seed = int(seed)
+
+    train_ds, eval_ds = w.datasets(opts.data_dir, seed)
+    # One MLPerf log per attempt: mllog appends, and the checker wants one
+    # run per file.
+    attempt = 0
+    log_path = os.path.join(opts.workdir, 'mlperf_log.txt')
+    while os.path.exists(log_path):
+      attempt += 1
+      log_path = os.path.join(opts.workdir, f'mlperf_log.resume{attempt}.txt')
+    ml = MLPerfLogger(log_path)
+    ml.event(C.CACHE_CLEAR, True)
+    ml.start(C.INIT_START)
 
     platform = f'{jax.device_count()}x{jax.devices()[0].device_kind}'
     ml.event(C.SUBMISSION_ORG, cfg.submission_org)
@@ -187,7 +196,6 @@ class Trainer:
     ml.event(C.SUBMISSION_BENCHMARK, w.benchmark)
     ml.event(C.SEED, seed)
 
-    train_ds, eval_ds = w.datasets(opts.data_dir, seed)
     if opts.data_dir is None:
       self.say('=' * 78)
       self.say(f'NOTE: no --data-dir given: training {w.name} on SYNTHETIC '

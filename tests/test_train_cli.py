@@ -65,6 +65,12 @@ def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'SUCCESS' in proc.stdout + proc.stderr
 
+  # Running the finished run again does not train it further.
+  again = cli.run_train('--model', 'resnet50', '--workdir', str(workdir))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'already reached the target' in again.stdout
+  assert cli.read_metrics(workdir) == records
+
 
 def test_closed_division_log_fails_only_on_accuracy(tmp_path):
   """A closed-division log of a run that stops short of 0.759 top-1: the
