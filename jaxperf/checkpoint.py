@@ -10,6 +10,7 @@ the fact. Either way a bad latest checkpoint is reported, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -63,36 +64,35 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  @contextlib.contextmanager
+  def _failing(self, what: str):
+    """Turns any error of orbax's into a CheckpointError that says `what`."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'{what} in {self.directory} failed: '
+                            f'{type(e).__name__}: {e}') from e
+
   def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
     """Starts an asynchronous save; errors of earlier saves are raised."""
     self.check()
     record = dict(record, step=int(step), fingerprint=fingerprint(state))
-    try:
+    with self._failing(f'saving the checkpoint of step {step}'):
       self._manager.save(
           int(step), args=ocp.args.Composite(
               state=ocp.args.StandardSave(state),
               record=ocp.args.JsonSave(record)), force=True)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'saving the checkpoint of step {step} to {self.directory} failed: '
-          f'{type(e).__name__}: {e}') from e
 
   def check(self) -> None:
     """Raises if a background save has failed."""
-    try:
+    with self._failing('a checkpoint save'):
       self._manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'a checkpoint save to {self.directory} failed: '
-          f'{type(e).__name__}: {e}') from e
 
   def wait(self) -> None:
-    try:
+    with self._failing('a checkpoint save'):
       self._manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'a checkpoint save to {self.directory} failed: '
-          f'{type(e).__name__}: {e}') from e
     self.check()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
