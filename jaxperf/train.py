@@ -94,8 +94,12 @@ def _setup_compile_cache(flag: str | None) -> None:
     return
   os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  for option, value in (('jax_persistent_cache_min_compile_time_secs', 1.0),
+                        ('jax_persistent_cache_min_entry_size_bytes', 0)):
+    try:
+      jax.config.update(option, value)
+    except AttributeError:  # an option this jax version does not have
+      pass
 
 
 def main(argv: list[str] | None = None) -> int:
