@@ -52,8 +52,8 @@ def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
   assert evals and evals[-1]['top1_accuracy'] >= 0.759
   train = [r for r in records if r['kind'] == 'train']
   assert [r['step'] for r in train] == list(range(1, len(train) + 1))
-  assert all({'loss', 'learning_rate', 'throughput', 'epoch'} <= set(r)
-             for r in train[1:])
+  assert all({'loss', 'learning_rate', 'throughput', 'epoch',
+              'tflops_per_device'} <= set(r) for r in train[1:])
   assert records[-1]['kind'] == 'run_stop'
   assert records[-1]['status'] == 'success'
 
@@ -72,12 +72,28 @@ def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
   assert cli.read_metrics(workdir) == records
 
 
-def test_closed_division_log_fails_only_on_accuracy(tmp_path):
+OPTIMIZER_KEYS = {
+    'lars': {'lars_opt_base_learning_rate', 'lars_opt_end_learning_rate',
+             'lars_opt_learning_rate_decay_poly_power', 'lars_epsilon',
+             'lars_opt_learning_rate_decay_steps', 'lars_opt_momentum',
+             'lars_opt_learning_rate_warmup_epochs', 'lars_opt_weight_decay'},
+    'sgd': {'sgd_opt_base_learning_rate', 'sgd_opt_end_learning_rate',
+            'sgd_opt_learning_rate_decay_poly_power',
+            'sgd_opt_learning_rate_decay_steps', 'sgd_opt_weight_decay',
+            'sgd_opt_momentum', 'model_bn_span',
+            'opt_learning_rate_warmup_epochs'},
+}
+
+
+@pytest.mark.parametrize('optimizer, lr', [('lars', '2.0'), ('sgd', '0.25')])
+def test_closed_division_log_fails_only_on_accuracy(tmp_path, optimizer, lr):
   """A closed-division log of a run that stops short of 0.759 top-1: the
   checker's only complaint is the accuracy target."""
   workdir = tmp_path / 'closed'
   proc = cli.run_train('--model', 'resnet50', '--workdir', str(workdir),
                        *cli.FAST, '--set', 'division=closed',
+                       '--set', f'optimizer={optimizer}',
+                       '--set', f'base_learning_rate={lr}',
                        '--set', 'train_epochs=1')
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'run_stop: aborted' in proc.stdout
@@ -88,12 +104,10 @@ def test_closed_division_log_fails_only_on_accuracy(tmp_path):
              if l['key'] == 'weights_initialization'}
   assert len(tensors) == 161
   keys = {l['key'] for l in lines}
-  assert {'lars_opt_base_learning_rate', 'lars_opt_end_learning_rate',
-          'lars_opt_learning_rate_decay_poly_power', 'lars_epsilon',
-          'lars_opt_learning_rate_decay_steps', 'lars_opt_momentum',
-          'lars_opt_learning_rate_warmup_epochs', 'lars_opt_weight_decay',
-          'global_batch_size', 'gradient_accumulation_steps', 'opt_name',
-          'train_samples', 'eval_samples', 'seed', 'cache_clear'} <= keys
+  assert OPTIMIZER_KEYS[optimizer] | {
+      'global_batch_size', 'gradient_accumulation_steps', 'opt_name',
+      'train_samples', 'eval_samples', 'seed', 'cache_clear'} <= keys
+  assert [l['value'] for l in lines if l['key'] == 'opt_name'] == [optimizer]
   stop = [l for l in lines if l['key'] == 'run_stop']
   assert stop[0]['metadata']['status'] == 'aborted'
 
