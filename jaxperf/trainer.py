@@ -282,6 +282,8 @@ class Trainer:
                                                   sharding=eval_sh[k_])
                          for k_, v in spec_eval.items()}).compile()
     compile_s = time.perf_counter() - t0
+    flops_per_step = _step_flops(w, abstract_state, stacked)
+    peak = _peak_flops(jax.devices()[0])
     self.say(f'{w.name}: {mesh_lib.describe(mesh)}; global batch {gbs}; '
              f'{total_steps} steps ({train_epochs} epochs of '
              f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
@@ -353,6 +355,11 @@ class Trainer:
           rec[key_] = float(arr[i])
         if rate is not None:
           rec['throughput'] = round(rate, 2)
+          if flops_per_step:
+            achieved = flops_per_step * rate / gbs / jax.device_count()
+            rec['tflops_per_device'] = round(achieved / 1e12, 4)
+            if peak:
+              rec['mfu'] = round(achieved / peak, 4)
         if not math.isfinite(rec['loss']):
           kept = ckpt.all_steps()
           raise TrainingError(
@@ -371,6 +378,8 @@ class Trainer:
           parts.append(f'lr {float(host["learning_rate"][n - 1]):.4g}')
         if rate:
           parts.append(f'{rate:,.0f} ex/s')
+          if flops_per_step and peak:
+            parts.append(f'MFU {flops_per_step * rate / gbs / jax.device_count() / peak:.1%}')
           parts.append(f'ETA {_fmt_time((total_steps - done) * gbs / rate)}')
         if evals:
           e = evals[-1]
@@ -470,6 +479,36 @@ class Trainer:
              f'(run_start to run_stop); MLPerf log: {log_path}')
     return RunResult(status, step, sched.epoch_of(step), evals, run_s,
                      compile_s, log_path)
+
+
+# Dense bfloat16 peak FLOP/s per device, by jax device_kind prefix.
+_PEAK_FLOPS = {
+    'NVIDIA H100': 989.4e12, 'NVIDIA H200': 989.4e12, 'NVIDIA H20': 148e12,
+    'NVIDIA A100': 312e12, 'NVIDIA B200': 2250e12, 'NVIDIA L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def _peak_flops(device) -> float | None:
+  kind = getattr(device, 'device_kind', '')
+  for prefix in sorted(_PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return _PEAK_FLOPS[prefix]
+  return None
+
+
+def _step_flops(w: Workload, abstract_state, stacked) -> float | None:
+  """FLOPs of one train step as XLA counts them (None if it cannot say)."""
+  one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in stacked.items()}
+  try:
+    cost = jax.jit(w.train_step).lower(abstract_state, one).cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
 
 
 def _peek_record(ckpt: Checkpointer, step: int) -> dict:
