@@ -74,7 +74,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = True):
-    x = images.astype(jnp.float32) - jnp.asarray(CHANNEL_MEANS, jnp.float32)
+    # Mean subtraction and the classifier run in at least float32.
+    wide = jnp.promote_types(self.dtype, jnp.float32)
+    x = images.astype(wide) - jnp.asarray(CHANNEL_MEANS, wide)
     x = x.astype(self.dtype)
     x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=self.dtype,
@@ -93,11 +95,9 @@ class ResNet(nn.Module):
             zero_init_last_bn=self.zero_init_last_bn,
             name=f'stage{stage + 1}_unit{unit + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    # The classifier and softmax run in float32 whatever the compute dtype.
-    x = nn.Dense(self.num_classes, dtype=jnp.float32,
+    x = nn.Dense(self.num_classes, dtype=wide,
                  kernel_init=nn.initializers.normal(0.01),
-                 bias_init=nn.initializers.zeros, name='fc1')(
-                     x.astype(jnp.float32))
+                 bias_init=nn.initializers.zeros, name='fc1')(x.astype(wide))
     return x
 
 
