@@ -106,7 +106,7 @@ class ResNet50Pair:
 
   def __init__(self, *, batch: int, image_size: int, num_classes: int = 1000,
                seed: int = 0, channels_last: bool = True,
-               precision: str = 'f32'):
+               precision: str = 'f32', wgrad: str = 'auto'):
     torch, torchvision = _torch()
     from jaxperf.models import resnet  # pylint: disable=g-import-not-at-top
     self.torch = torch
@@ -119,7 +119,10 @@ class ResNet50Pair:
     self.tmodel = torchvision.models.resnet50(num_classes=num_classes)
     if f64:
       self.tmodel = self.tmodel.double()
-    self.jmodel = resnet.ResNet(num_classes=num_classes, dtype=dtype)
+    from jaxperf.workloads.resnet import conv_wgrad  # pylint: disable=g-import-not-at-top
+    self.wgrad = conv_wgrad(wgrad)
+    self.jmodel = resnet.ResNet(num_classes=num_classes, dtype=dtype,
+                                wgrad=self.wgrad)
     expected = jax.eval_shape(
         lambda: self.jmodel.init(jax.random.key(0), jnp.zeros(
             (1, image_size, image_size, 3)), train=False))
@@ -252,15 +255,17 @@ PAIRS = {'resnet50': ResNet50Pair}
 def compare(model: str, *, batch: int, image_size: int, num_classes: int,
             seed: int = 0, warmup: int = 2, repeats: int = 5,
             channels_last: bool = True, timing: bool = True,
-            precision: str = 'f32') -> dict[str, Any]:
+            precision: str = 'f32', wgrad: str = 'auto') -> dict[str, Any]:
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
                     f'available: {", ".join(PAIRS)}')
   pair = PAIRS[model](batch=batch, image_size=image_size,
                       num_classes=num_classes, seed=seed,
-                      channels_last=channels_last, precision=precision)
+                      channels_last=channels_last, precision=precision,
+                      wgrad=wgrad)
   out = {'model': model, 'batch': batch, 'image_size': image_size,
          'num_classes': num_classes, 'precision': precision,
+         'jax_conv_wgrad': pair.wgrad,
          'machine': machine(), **pair.parity()}
   if timing:
     out.update(pair.timing(warmup, repeats))
@@ -269,7 +274,7 @@ def compare(model: str, *, batch: int, image_size: int, num_classes: int,
 
 def _summary(r: dict[str, Any]) -> str:
   lines = [f'{r["model"]}: batch {r["batch"]} at {r["image_size"]}px, '
-           f'{r["precision"]}, '
+           f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
            f'{r["machine"]["devices"]}']
   for key in ('outputs_eval', 'outputs_train', 'loss'):
     e = r[key]
@@ -299,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--precision', choices=('f32', 'f64'), default='f32',
                  help='f64 (both frameworks in double precision) shows that '
                       'the remaining f32 gradient differences are rounding')
+  p.add_argument('--wgrad', choices=('auto', 'xla', 'matmul'), default='auto',
+                 help='JAX convolution kernel-gradient algorithm (auto: '
+                      'matmul on CPU, where it is faster; xla elsewhere)')
   p.add_argument('--no-timing', action='store_true',
                  help='only the numerical comparison')
   p.add_argument('--torch-contiguous', action='store_true',
@@ -314,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                      num_classes=args.num_classes, seed=args.seed,
                      warmup=args.warmup, repeats=args.repeats,
                      channels_last=not args.torch_contiguous,
-                     timing=not args.no_timing, precision=args.precision)
+                     timing=not args.no_timing, precision=args.precision,
+                     wgrad=args.wgrad)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from .layers.conv import Conv
+
 Dtype = Any
 
 # Per-channel RGB means subtracted from the 0..255 input, as the reference does
@@ -36,12 +38,13 @@ class Bottleneck(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
+  wgrad: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, pad, name: nn.Conv(
-        f, (k, k), (s, s), padding=pad, use_bias=False, dtype=self.dtype,
-        kernel_init=nn.initializers.he_normal(), name=name)
+    conv = lambda f, k, s, pad, name: Conv(
+        f, (k, k), (s, s), padding=pad, dtype=self.dtype, wgrad=self.wgrad,
+        name=name)
     norm = lambda name, scale_init=nn.initializers.ones: nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype, scale_init=scale_init,
@@ -71,6 +74,9 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   zero_init_last_bn: bool = False
+  # Kernel-gradient algorithm of the convolutions (see layers/conv.py):
+  # 'matmul' is much faster on XLA's CPU backend, 'xla' elsewhere.
+  wgrad: str = 'xla'
 
   @nn.compact
   def __call__(self, images, train: bool = True):
@@ -78,9 +84,8 @@ class ResNet(nn.Module):
     wide = jnp.promote_types(self.dtype, jnp.float32)
     x = images.astype(wide) - jnp.asarray(CHANNEL_MEANS, wide)
     x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
-                use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(), name='conv0')(x)
+    x = Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
+             dtype=self.dtype, wgrad=self.wgrad, name='conv0')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, dtype=self.dtype, name='bn0')(x)
     x = nn.relu(x)
@@ -92,7 +97,7 @@ class ResNet(nn.Module):
             strides=2 if (unit == 0 and stage > 0) else 1,
             project=unit == 0, dtype=self.dtype,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-            zero_init_last_bn=self.zero_init_last_bn,
+            zero_init_last_bn=self.zero_init_last_bn, wgrad=self.wgrad,
             name=f'stage{stage + 1}_unit{unit + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=wide,

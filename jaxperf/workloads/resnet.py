@@ -46,7 +46,7 @@ class ResNet50(Workload):
     self.model = resnet_model.ResNet(
         num_classes=c.num_classes, stage_sizes=tuple(c.stage_sizes),
         width=c.width, dtype=_DTYPES[c.dtype],
-        zero_init_last_bn=c.zero_init_last_bn)
+        zero_init_last_bn=c.zero_init_last_bn, wgrad=conv_wgrad(c.conv_wgrad))
     self._tx = None
     self._lr = None
 
@@ -191,6 +191,15 @@ class ResNet50(Workload):
 
   def initialized_tensors(self, state: TrainState) -> list[str]:
     return mxnet_names(state.params)
+
+
+def conv_wgrad(setting: str) -> str:
+  """The convolution kernel-gradient algorithm for this backend."""
+  if setting == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  if setting not in ('xla', 'matmul'):
+    raise ConfigError(f'conv_wgrad={setting!r}: expected auto, xla or matmul')
+  return setting
 
 
 def mxnet_names(params: Any) -> list[str]:
