@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -76,15 +75,9 @@ def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def machine() -> dict[str, Any]:
-  cpu = None
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f
-                  if l.startswith('model name')), None)
-  except OSError:
-    pass
-  info = {'cpu': cpu or platform.processor(), 'cores': os.cpu_count(),
-          'python': platform.python_version(), 'jax': jax.__version__,
+  """bench's machine description plus the devices, XLA flags and PyTorch."""
+  from jaxperf.bench import machine_info  # pylint: disable=g-import-not-at-top
+  info = {**machine_info(),
           'devices': f'{jax.device_count()}x{jax.devices()[0].device_kind}',
           'xla_flags': os.environ.get('XLA_FLAGS', '')}
   try:
