@@ -31,6 +31,14 @@ Dtype = Any
 CHANNEL_MEANS = (123.68, 116.78, 103.94)
 
 
+def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Dtype,
+                name: str, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+  # Two-pass variance: E[x^2] - E[x]^2 cancels when few values share a channel.
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                      epsilon=epsilon, dtype=dtype, scale_init=scale_init,
+                      use_fast_variance=False, name=name)
+
+
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1 (x4 channels), with a projection shortcut."""
   filters: int
@@ -47,10 +55,8 @@ class Bottleneck(nn.Module):
     conv = lambda f, k, s, pad, name: Conv(
         f, (k, k), (s, s), padding=pad, dtype=self.dtype, wgrad=self.wgrad,
         name=name)
-    norm = lambda name, scale_init=nn.initializers.ones: nn.BatchNorm(
-        use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon, dtype=self.dtype, scale_init=scale_init,
-        use_fast_variance=False, name=name)
+    norm = lambda name, scale_init=nn.initializers.ones: _batch_norm(
+        train, self.bn_momentum, self.bn_epsilon, self.dtype, name, scale_init)
 
     residual = x
     y = conv(self.filters, 1, 1, 'VALID', 'conv1')(x)
@@ -88,9 +94,8 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
              dtype=self.dtype, wgrad=self.wgrad, name='conv0')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, dtype=self.dtype,
-                     use_fast_variance=False, name='bn0')(x)
+    x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype,
+                    'bn0')(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
