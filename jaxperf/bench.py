@@ -107,7 +107,14 @@ def resolve_config(args: argparse.Namespace, platform_name: str,
   if args.precision is not None:
     overrides['dtype'] = _PRECISIONS[args.precision]
   if args.image_size is not None:
-    overrides['image_size'] = args.image_size
+    base = config_lib.workload_file(cls.name)['base']
+    if 'image_size' in base:
+      overrides['image_size'] = args.image_size
+    elif 'input_shape' in base:             # volumes: a cube of that side
+      overrides['input_shape'] = [args.image_size] * 3
+      overrides['val_input_shape'] = [args.image_size] * 3
+    else:
+      raise UserError(f'--image-size: {cls.name} has no image size to set')
   cfg = config_lib.load_config(cls.name, args.config, overrides,
                                default_scale=default_scale)
   return cls, cfg
@@ -142,8 +149,9 @@ def step_stats(times: list[float]) -> dict[str, float]:
           'p10': pct(0.1), 'p90': pct(0.9), 'min': xs[0], 'max': xs[-1]}
 
 
-def _synthetic_batch(spec, sharding, num_classes: int, seed: int):
-  """Random arrays of the batch spec, created on the devices."""
+def _synthetic_batch(spec, shardings, num_classes: int, seed: int):
+  """Random arrays of the batch spec, created on the devices with the
+  sharding given per array."""
   import jax
   import jax.numpy as jnp
 
@@ -161,7 +169,6 @@ def _synthetic_batch(spec, sharding, num_classes: int, seed: int):
       else:
         out[name] = jax.random.normal(k, s.shape, s.dtype)
     return out
-  shardings = {name: sharding for name in spec}
   return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
 
 
@@ -293,6 +300,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
   import jax
   import numpy as np
   from jaxperf.errors import ConfigError
+  from jax.sharding import NamedSharding
   from jaxperf.sharding import mesh as mesh_lib
   from jaxperf.trainer import _peak_flops
   from jaxperf.workloads.base import new_rng
@@ -305,6 +313,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
     raise ConfigError(
         f'global_batch_size={gbs} does not divide evenly over the {n_data} '
         f'data-parallel devices of --mesh {mesh_lib.describe(mesh)}')
+  workload.check_mesh(mesh)
   workload.setup(int(cfg.synthetic_train_samples))
   devices = list(mesh.devices.flatten())
   n_dev = len(devices)
@@ -322,15 +331,17 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
 
   # One batch, generated on the devices.
   spec = workload.batch_spec(gbs, train=True)
-  batch_sh = mesh_lib.batch_sharding(mesh)
-  batch = _synthetic_batch(spec, batch_sh, int(cfg.get('num_classes', 2)),
+  part = workload.batch_partition(mesh, train=True)
+  batch_shs = {k: NamedSharding(mesh, part[k]) for k in spec}
+  batch = _synthetic_batch(spec, batch_shs, int(cfg.get('num_classes', 2)),
                            seed)
 
   # Compile ahead of time; FLOPs from the step before it is partitioned.
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, state_sh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=batch_shs[k])
                     for k, v in spec.items()}
   step_fn = jax.jit(workload.train_step, donate_argnums=0,
                     out_shardings=(state_sh, mesh_lib.replicated(mesh)))

@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _compute_dtype(logits: jax.Array):
+  """float32 for half-precision and float32 logits, float64 for float64."""
+  return jnp.promote_types(logits.dtype, jnp.float32)
+
+
 def _check_classes(logits: jax.Array, num_classes: int,
                    include_background: bool) -> None:
   if logits.shape[-1] != num_classes:
@@ -47,11 +52,12 @@ def dice_scores(logits: jax.Array, labels: jax.Array, *, num_classes: int = 3,
     smooth: added to numerator and denominator.
 
   Returns:
-    float32 [B, C] (or [B, C - 1] without the background).
+    float32 (float64 for float64 logits) [B, C] (or [B, C - 1] without the background).
   """
   _check_classes(logits, num_classes, include_background)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  dt = _compute_dtype(logits)
+  probs = jax.nn.softmax(logits.astype(dt), axis=-1)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=dt)
   if not include_background:
     probs, onehot = probs[..., 1:], onehot[..., 1:]
   axes = tuple(range(1, logits.ndim - 1))
@@ -68,8 +74,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logits: [B, *spatial, C]; the log-softmax is taken in float32.
     labels: integer class ids [B, *spatial].
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  dt = _compute_dtype(logits)
+  logp = jax.nn.log_softmax(logits.astype(dt), axis=-1)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=dt)
   return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
 
 

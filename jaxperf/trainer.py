@@ -149,6 +149,7 @@ class Trainer:
     resume_step = ckpt.latest_step()
 
     mesh = mesh_lib.make_mesh(opts.mesh)
+    w.check_mesh(mesh)
     n_data = mesh_lib.data_parallel_size(mesh)
     gbs = int(cfg.global_batch_size)
     ebs = int(cfg.eval_batch_size)
@@ -249,9 +250,11 @@ class Trainer:
     # ---- compile ahead of time ----
     spec_train = w.batch_spec(gbs, train=True)
     spec_eval = w.batch_spec(ebs, train=False)
-    batch_axes = mesh_lib.batch_axes(mesh) or None
-    block_sh = {k_: NamedSharding(mesh, P(None, batch_axes)) for k_ in spec_train}
-    eval_sh = {k_: NamedSharding(mesh, P(batch_axes)) for k_ in spec_eval}
+    part_train = w.batch_partition(mesh, train=True)
+    part_eval = w.batch_partition(mesh, train=False)
+    block_sh = {k_: NamedSharding(mesh, P(None, *part_train[k_]))
+                for k_ in spec_train}
+    eval_sh = {k_: NamedSharding(mesh, part_eval[k_]) for k_ in spec_eval}
 
     def block(state, batches, n_valid):
       """`k` steps of which the first n_valid are real (the rest no-ops)."""
@@ -277,10 +280,12 @@ class Trainer:
                        out_shardings=(state_sh, rep)).lower(
                            abstract_state, stacked,
                            jax.ShapeDtypeStruct((), jnp.int32)).compile()
-    eval_fn = jax.jit(w.eval_step, out_shardings=rep).lower(
-        abstract_state, {k_: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                  sharding=eval_sh[k_])
-                         for k_, v in spec_eval.items()}).compile()
+    evaluator = w.make_evaluator(mesh, abstract_state)
+    if evaluator is None:
+      eval_fn = jax.jit(w.eval_step, out_shardings=rep).lower(
+          abstract_state, {k_: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                    sharding=eval_sh[k_])
+                           for k_, v in spec_eval.items()}).compile()
     compile_s = time.perf_counter() - t0
     flops_per_step = _step_flops(w, abstract_state, stacked)
     peak = _peak_flops(jax.devices()[0])
@@ -428,15 +433,18 @@ class Trainer:
 
         # ---- evaluation ----
         ml.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch_end})
-        sums = None
-        for batch in eval_ds.eval_batches(ebs, process_index=pidx,
-                                          process_count=pcount):
-          arrays = {key_: jax.make_array_from_process_local_data(
-              eval_sh[key_], np.asarray(batch[key_]), spec_eval[key_].shape)
-                    for key_ in spec_eval}
-          out = eval_fn(state, arrays)
-          sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        result = w.eval_result(jax.device_get(sums))
+        if evaluator is not None:
+          result = evaluator(state, eval_ds)
+        else:
+          sums = None
+          for batch in eval_ds.eval_batches(ebs, process_index=pidx,
+                                            process_count=pcount):
+            arrays = {key_: jax.make_array_from_process_local_data(
+                eval_sh[key_], np.asarray(batch[key_]), spec_eval[key_].shape)
+                      for key_ in spec_eval}
+            out = eval_fn(state, arrays)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+          result = w.eval_result(jax.device_get(sums))
         value = result[w.metric]
         ml.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch_end})
         ml.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: epoch_end})

@@ -29,7 +29,7 @@ convolution gradient gathers whole activations); `upsample='conv_transpose'`
 uses lax.conv_transpose. Both use the same (2, 2, 2, in, out) kernel.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +51,11 @@ _deconv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform',
                                                 in_axis=-1, out_axis=-2)
 
 
+def _acc(dtype):
+  """Matmul accumulation: float32, or float64 for float64 checks."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _uniform_bias(fan_in: int):
   bound = 1.0 / fan_in ** 0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
@@ -58,7 +63,8 @@ def _uniform_bias(fan_in: int):
 
 
 class InstanceNorm(nn.Module):
-  """Affine instance norm over the spatial axes of NDHWC, in float32."""
+  """Affine instance norm over the spatial axes of NDHWC; statistics in
+  float32 (float64 when the input is)."""
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -68,11 +74,13 @@ class InstanceNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     axes = tuple(range(1, x.ndim - 1))
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axes, keepdims=True)
-    centred = x32 - mean
+    stat = jnp.promote_types(x.dtype, jnp.float32)   # f32, or f64 for checks
+    xs = x.astype(stat)
+    mean = jnp.mean(xs, axes, keepdims=True)
+    centred = xs - mean
     var = jnp.mean(jnp.square(centred), axes, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    y = centred * jax.lax.rsqrt(var + self.epsilon) * scale.astype(stat) \
+        + bias.astype(stat)
     return y.astype(self.dtype)
 
 
@@ -109,7 +117,7 @@ class Upsample(nn.Module):
     if self.method == 'projection':
       n, d, h, w, _ = x.shape
       proj = jnp.transpose(kernel, (3, 0, 1, 2, 4)).reshape(cin, 8 * cout)
-      y = jnp.dot(x, proj, preferred_element_type=jnp.float32)
+      y = jnp.dot(x, proj, preferred_element_type=_acc(self.dtype))
       y = y.astype(self.dtype).reshape(n, d, h, w, 2, 2, 2, cout)
       y = jnp.transpose(y, (0, 1, 4, 2, 5, 3, 6, 7))
       y = y.reshape(n, 2 * d, 2 * h, 2 * w, cout)
@@ -131,6 +139,9 @@ class UNet3D(nn.Module):
   dtype: Dtype = jnp.float32
   wgrad: str = 'xla'
   upsample: str = 'projection'
+  # Applied to the input and every block's output, e.g. a sharding
+  # constraint that keeps volumes split over a spatial mesh axis.
+  constrain: Callable[[jax.Array], jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -138,10 +149,11 @@ class UNet3D(nn.Module):
       raise ValueError(f'activation must be one of {list(ACTIVATIONS)}, got '
                        f'{self.activation!r}')
     f = tuple(self.filters)
-    block = lambda feat, s, name: ConvBlock(
-        feat, s, self.activation, self.dtype, self.wgrad, name=name)
+    keep = self.constrain or (lambda t: t)
+    block = lambda feat, s, name: lambda t: keep(ConvBlock(
+        feat, s, self.activation, self.dtype, self.wgrad, name=name)(t))
 
-    x = x.astype(self.dtype)
+    x = keep(x.astype(self.dtype))
     x = block(f[0], 1, 'input_block_0')(x)
     x = block(f[0], 1, 'input_block_1')(x)
     skips = [x]
@@ -153,7 +165,8 @@ class UNet3D(nn.Module):
         skips.append(x)
     ups = [f[-1]] + list(reversed(f[:-1]))   # 320, 256, 128, 64, 32
     for i, (width, skip) in enumerate(zip(ups, reversed(skips))):
-      x = Upsample(width, self.dtype, self.upsample, name=f'up{i}_deconv')(x)
+      x = keep(Upsample(width, self.dtype, self.upsample,
+                        name=f'up{i}_deconv')(x))
       x = jnp.concatenate([x, skip], axis=-1)
       x = block(width, 1, f'up{i}_block_0')(x)
       x = block(width, 1, f'up{i}_block_1')(x)
@@ -161,7 +174,7 @@ class UNet3D(nn.Module):
 
 
 class OutputConv(nn.Module):
-  """1x1x1 conv with bias; logits in float32."""
+  """1x1x1 conv with bias; logits in float32 (float64 for float64)."""
   features: int
   dtype: Dtype = jnp.float32
 
@@ -173,5 +186,5 @@ class OutputConv(nn.Module):
     bias = self.param('bias', _uniform_bias(cin), (self.features,),
                       jnp.float32)
     y = jnp.dot(x, kernel.reshape(cin, self.features).astype(self.dtype),
-                preferred_element_type=jnp.float32)
-    return y + bias
+                preferred_element_type=_acc(self.dtype))
+    return y + bias.astype(y.dtype)

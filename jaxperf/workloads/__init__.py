@@ -9,6 +9,7 @@ from jaxperf.errors import ConfigError
 # CLI name -> "module:Class"; modules are imported only when used.
 _REGISTRY = {
     'resnet50': 'jaxperf.workloads.resnet:ResNet50',
+    'unet3d': 'jaxperf.workloads.unet3d:UNet3D',
 }
 ALIASES = {'resnet': 'resnet50'}
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxperf.config import Config
 from jaxperf.sharding import mesh as mesh_lib
@@ -42,6 +42,14 @@ class Dataset(Protocol):
                    process_count: int = 1) -> Iterator[dict[str, Any]]: ...
 
   def close(self) -> None: ...
+
+
+class Evaluator(Protocol):
+  """A workload's own evaluation: the state and the eval source in, the
+  eval_result-style metrics (including the workload's metric) out."""
+
+  def __call__(self, state: 'TrainState', eval_ds: Dataset
+               ) -> dict[str, float]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +117,17 @@ class Workload(abc.ABC):
     rep = mesh_lib.replicated(mesh)
     return jax.tree.map(lambda _: rep, abstract_state)
 
+  def check_mesh(self, mesh: Mesh) -> None:
+    """Called with the run's mesh before the state is built: reject a mesh
+    the workload cannot use (ConfigError) or adapt to it."""
+    del mesh
+
+  def batch_partition(self, mesh: Mesh, train: bool) -> dict[str, P]:
+    """How each batch array is split over the mesh: by default the leading
+    (batch) axis over the data-parallel axes, the rest replicated."""
+    axes = mesh_lib.batch_axes(mesh) or None
+    return {k: P(axes) for k in self.batch_spec(0, train)}
+
   # --- steps -----------------------------------------------------------------
   @abc.abstractmethod
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]
@@ -123,6 +142,14 @@ class Workload(abc.ABC):
   @abc.abstractmethod
   def eval_result(self, sums: Mapping[str, float]) -> dict[str, float]:
     """Final metrics from summed eval_step outputs; includes self.metric."""
+
+  def make_evaluator(self, mesh: Mesh, abstract_state: Any
+                     ) -> 'Evaluator | None':
+    """An evaluation that does not fit batches of eval_step sums (e.g.
+    sliding-window inference over whole volumes), compiled ahead of time
+    here; None (the default) uses eval_step over eval_batches."""
+    del mesh, abstract_state
+    return None
 
   # --- MLPerf logging ----------------------------------------------------------
   @abc.abstractmethod
