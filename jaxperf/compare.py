@@ -1,4 +1,4 @@
-"""python -m jaxperf.compare --model resnet50: JAX vs the PyTorch reference.
+"""python -m jaxperf.compare: JAX vs the PyTorch references (resnet50, unet3d).
 
 Builds the PyTorch reference model, copies its weights into the jaxperf model
 (jaxperf.interop), runs both on the same batch in float32 and reports:
@@ -12,6 +12,24 @@ decision that float32 rounding tips the other way in one framework changes
 that position's gradient outright, and batch-norm statistics spread it over
 the channel. `--precision f64` runs both in double precision, where those
 decisions agree and so do the gradients.
+
+--model unet3d compares models/unet3d.py with jaxperf.torch_models.unet3d
+(the MLPerf reference's Unet3D, same tensor names and default init) on a
+random volume (`--image-size` S for an S^3 cube, or D,H,W; every side a
+multiple of 32, and more than one voxel at the bottleneck, which is 1/32 of
+each side: PyTorch's instance norm rejects a single voxel, so 64 is the
+smallest cube and 64,32,32 the smallest volume; the reference trains on 128^3
+patches). The loss is the reference's DiceCELoss: jaxperf.losses.dice_ce_loss
+against torch_dice_ce_loss below. Instance norm uses each sample's own
+statistics in training and evaluation alike and there is no dropout, so the
+outputs are compared once ('outputs'). The timed step is SGD with Nesterov
+momentum 0.9, the reference's optimizer. `--filters` narrows the network
+(e.g. 8,16,32,64,80) for quick checks; `--activation leaky_relu` and
+`--upsample conv_transpose` select the other variants. At full width on
+64,32,32 the float32 logits agree to ~1e-6 (max_rel) and the gradients to a
+few 1e-3 (norm_rel, median; ~1e-2 for the worst tensor, an instance-norm
+bias): the reference's own float32 gradients are as far from its float64
+ones. In float64 outputs agree to ~1e-14 and gradients to ~1e-12 or better.
 
 Errors: max_abs = max |jax - torch|; max_rel = max_abs / max |torch|;
 norm_rel = ||jax - torch|| / ||torch||.
@@ -28,7 +46,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxperf import interop
+from jaxperf import interop, losses
 from jaxperf.errors import UserError
 
 LABEL_SMOOTHING = 0.1
@@ -50,6 +68,15 @@ def _torch():
     raise UserError(f'jaxperf.compare needs PyTorch and torchvision ({e}); '
                     f"install them with: pip install -e '.[compare]'") from None
   return torch, torchvision
+
+
+def _torch_only():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f'jaxperf.compare needs PyTorch ({e}); install it with: '
+                    f"pip install -e '.[compare]'") from None
+  return torch
 
 
 def errors(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
@@ -242,23 +269,253 @@ class ResNet50Pair:
             'speed_ratio_jax_over_torch': tt / jt}
 
 
-PAIRS = {'resnet50': ResNet50Pair}
+# ---------------------------------------------------------------- unet3d
+
+UNET3D_FILTERS = (32, 64, 128, 256, 320)
+# Five stride-2 levels: the bottleneck is 1/32 of every side.
+_UNET3D_REDUCTION = 32
 
 
-def compare(model: str, *, batch: int, image_size: int, num_classes: int,
-            seed: int = 0, warmup: int = 2, repeats: int = 5,
-            channels_last: bool = True, timing: bool = True,
-            precision: str = 'f32', wgrad: str = 'auto') -> dict[str, Any]:
+def unet3d_volume(image_size: int | Sequence[int]) -> tuple[int, int, int]:
+  """(D, H, W) from a cube side or three sides; UserError if unusable."""
+  sides = ((image_size,) * 3 if isinstance(image_size, (int, np.integer))
+           else tuple(image_size))
+  if len(sides) != 3 or any(int(v) < 1 or int(v) % _UNET3D_REDUCTION
+                            for v in sides):
+    raise UserError(f'--image-size {image_size}: the 3D U-Net needs a cube '
+                    f'side or D,H,W, each a positive multiple of '
+                    f'{_UNET3D_REDUCTION}')
+  if np.prod([v // _UNET3D_REDUCTION for v in sides]) < 2:
+    raise UserError(
+        f'--image-size {image_size}: the bottleneck would be a single voxel, '
+        f'which PyTorch\'s instance norm rejects; the smallest volumes are '
+        f'64 (a 64^3 cube) and 64,32,32')
+  return tuple(int(v) for v in sides)
+
+
+def torch_dice_ce_loss(logits, labels, *, num_classes: int = 3,
+                       include_background: bool = False,
+                       smooth: float = 1e-6):
+  """The reference's DiceCELoss(to_onehot_y, use_softmax, NCDHW) in torch.
+
+  As image_segmentation/pytorch/model/losses.py computes it: cross-entropy
+  averaged over every voxel, plus 1 - soft Dice of softmax(logits) per
+  sample and (foreground) class, averaged; the sum halved.
+
+  Args:
+    logits: [B, C, D, H, W].
+    labels: integer class ids [B, D, H, W] or [B, 1, D, H, W].
+    num_classes: C.
+    include_background: keep class 0 in the Dice term.
+    smooth: added to the Dice numerator and denominator.
+  """
+  torch = _torch_only()
+  f = torch.nn.functional
+  if labels.dim() == logits.dim():
+    labels = labels[:, 0]
+  labels = labels.long()
+  cross_entropy = f.cross_entropy(logits, labels)
+  probs = torch.softmax(logits, dim=1)
+  target = f.one_hot(labels, num_classes).permute(0, 4, 1, 2, 3).to(probs.dtype)
+  if not include_background:
+    probs, target = probs[:, 1:], target[:, 1:]
+  axes = tuple(range(2, logits.dim()))
+  intersection = torch.sum(target * probs, dim=axes)
+  dice = (2.0 * intersection + smooth) / (
+      torch.sum(target, dim=axes) + torch.sum(probs, dim=axes) + smooth)
+  return (torch.mean(1.0 - dice) + cross_entropy) / 2
+
+
+def _grad_errors(j_grads: Any, t_grads: Any) -> dict[str, Any]:
+  """Per-parameter errors of two gradient trees of the same structure."""
+  want = {'/'.join(k.key for k in path): g for path, g in
+          jax.tree_util.tree_flatten_with_path(t_grads)[0]}
+  per_param = {}
+  for path, g in jax.tree_util.tree_flatten_with_path(j_grads)[0]:
+    name = '/'.join(k.key for k in path)
+    per_param[name] = errors(np.asarray(g), want[name])
+  worst = max(per_param, key=lambda k: per_param[k]['norm_rel'])
+  rels = sorted(e['norm_rel'] for e in per_param.values())
+  return {'worst_norm_rel': per_param[worst]['norm_rel'],
+          'worst_param': worst,
+          'median_norm_rel': rels[len(rels) // 2],
+          'max_abs': max(e['max_abs'] for e in per_param.values()),
+          'per_param': per_param}
+
+
+class Unet3DPair:
+  """jaxperf.torch_models.unet3d.Unet3D and models/unet3d.py, same weights.
+
+  `image_size` is a cube side or (D, H, W); see unet3d_volume.
+  """
+
+  name = 'unet3d'
+
+  def __init__(self, *, batch: int, image_size: int | Sequence[int],
+               num_classes: int = 3, seed: int = 0,
+               channels_last: bool = True, precision: str = 'f32',
+               wgrad: str = 'auto', filters: Sequence[int] = UNET3D_FILTERS,
+               activation: str = 'relu', upsample: str = 'projection'):
+    torch = _torch_only()
+    from jaxperf.models import unet3d  # pylint: disable=g-import-not-at-top
+    from jaxperf.torch_models import unet3d as torch_unet3d  # pylint: disable=g-import-not-at-top
+    from jaxperf.workloads.resnet import conv_wgrad  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.volume = unet3d_volume(image_size)
+    filters = tuple(int(v) for v in filters)
+    if len(filters) != 5 or min(filters) < 1:
+      raise UserError(f'--filters {list(filters)}: expected 5 positive widths '
+                      f'(the reference: {list(UNET3D_FILTERS)})')
+    if activation not in unet3d.ACTIVATIONS:
+      raise UserError(f'--activation {activation!r}: expected one of '
+                      f'{list(unet3d.ACTIVATIONS)}')
+    if upsample not in ('projection', 'conv_transpose'):
+      raise UserError(f'--upsample {upsample!r}: expected projection or '
+                      f'conv_transpose')
+    if num_classes < 2:
+      raise UserError('the Dice term excludes the background: --num-classes '
+                      'must be >= 2')
+    f64 = precision == 'f64'
+    if f64 and not jax.config.jax_enable_x64:
+      raise UserError('f64 comparison needs jax_enable_x64 (set by '
+                      '`python -m jaxperf.compare --precision f64`)')
+    dtype = np.float64 if f64 else np.float32
+    torch.manual_seed(seed)
+    self.tmodel = torch_unet3d.Unet3D(in_channels=1, n_class=num_classes,
+                                      activation=activation, filters=filters)
+    if f64:
+      self.tmodel = self.tmodel.double()
+    self.wgrad = conv_wgrad(wgrad)
+    self.jmodel = unet3d.UNet3D(n_class=num_classes, filters=filters,
+                                activation=activation, dtype=dtype,
+                                wgrad=self.wgrad, upsample=upsample)
+    expected = jax.eval_shape(lambda: self.jmodel.init(
+        jax.random.key(0), jnp.zeros((1, *self.volume, 1), dtype)))
+    self.variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype),
+        interop.from_torch(self.name, self.tmodel.state_dict(),
+                           expected=expected))
+    rng = np.random.default_rng(seed)
+    # Normalised CT intensities: zero mean, unit variance.
+    self.images = rng.standard_normal((batch, *self.volume, 1)).astype(dtype)
+    self.labels = rng.integers(0, num_classes, (batch, *self.volume)
+                               ).astype(np.int32)
+    self.timages = torch.from_numpy(
+        np.ascontiguousarray(self.images.transpose(0, 4, 1, 2, 3)))
+    self.tlabels = torch.from_numpy(self.labels.astype(np.int64))
+    self.channels_last = channels_last
+    self.num_classes = num_classes
+    self.settings = {'volume': list(self.volume), 'filters': list(filters),
+                     'activation': activation, 'upsample': upsample,
+                     'num_params': int(sum(p.numel() for p in
+                                           self.tmodel.parameters()))}
+
+  # --- the JAX side ---
+  def jax_loss(self, params, images, labels):
+    logits = self.jmodel.apply({'params': params}, images)
+    return losses.dice_ce_loss(logits, labels,
+                               num_classes=self.num_classes), logits
+
+  def torch_loss(self, logits):
+    return torch_dice_ce_loss(logits, self.tlabels,
+                              num_classes=self.num_classes)
+
+  def parity(self) -> dict[str, Any]:
+    images, labels = jnp.asarray(self.images), jnp.asarray(self.labels)
+    (j_loss, j_logits), j_grads = jax.jit(jax.value_and_grad(
+        self.jax_loss, has_aux=True))(self.variables['params'], images, labels)
+    tm = copy.deepcopy(self.tmodel).train()
+    t_logits = tm(self.timages)
+    t_loss = self.torch_loss(t_logits)
+    t_loss.backward()
+    t_grads = interop.from_torch(
+        self.name, {k: v.grad for k, v in tm.named_parameters()})['params']
+    t_out = t_logits.detach().numpy().transpose(0, 2, 3, 4, 1)
+    return {
+        'outputs': errors(np.asarray(j_logits), t_out),
+        'outputs_note': 'training and evaluation mode compute the same '
+                        'function (instance norm, no running statistics, no '
+                        'dropout): compared once',
+        'loss': {'jax': float(j_loss), 'torch': float(t_loss.detach()),
+                 **errors(np.asarray(j_loss), t_loss.detach().numpy())},
+        'grads': _grad_errors(j_grads, t_grads),
+    }
+
+  def timing(self, warmup: int, repeats: int, lr: float = 0.01
+             ) -> dict[str, Any]:
+    torch = self.torch
+    tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+
+    def step(state, images, labels):
+      params, opt_state = state
+      (loss, _), grads = jax.value_and_grad(self.jax_loss, has_aux=True)(
+          params, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    images, labels = jnp.asarray(self.images), jnp.asarray(self.labels)
+    params = self.variables['params']
+    state = (params, tx.init(params))
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels
+                                                     ).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [jax.tree.map(jnp.copy, state)]
+
+    def jax_step():
+      holder[0], loss = compiled(holder[0], images, labels)
+      jax.block_until_ready(loss)
+    j_times = _timed(jax_step, warmup, repeats)
+
+    tm = copy.deepcopy(self.tmodel).train()
+    x = self.timages
+    if self.channels_last:
+      tm = tm.to(memory_format=torch.channels_last_3d)
+      x = x.contiguous(memory_format=torch.channels_last_3d)
+    opt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=0.9, nesterov=True)
+
+    def torch_step():
+      opt.zero_grad(set_to_none=True)
+      loss = self.torch_loss(tm(x))
+      loss.backward()
+      opt.step()
+    t_times = _timed(torch_step, warmup, repeats)
+    jt, tt = statistics.median(j_times), statistics.median(t_times)
+    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                    'step_times_s': j_times},
+            'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                      'channels_last': self.channels_last,
+                      'threads': torch.get_num_threads()},
+            'speed_ratio_jax_over_torch': tt / jt}
+
+
+PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair}
+# Command-line defaults per model: batch, image size, classes.
+_DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3)}
+
+
+def compare(model: str, *, batch: int, image_size: int | Sequence[int],
+            num_classes: int, seed: int = 0, warmup: int = 2,
+            repeats: int = 5, channels_last: bool = True, timing: bool = True,
+            precision: str = 'f32', wgrad: str = 'auto',
+            **model_options: Any) -> dict[str, Any]:
+  """Parity (and timing) of one model; `model_options` go to its pair.
+
+  unet3d's options: filters, activation, upsample (see Unet3DPair);
+  `image_size` may be (D, H, W) for it.
+  """
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
                     f'available: {", ".join(PAIRS)}')
   pair = PAIRS[model](batch=batch, image_size=image_size,
                       num_classes=num_classes, seed=seed,
                       channels_last=channels_last, precision=precision,
-                      wgrad=wgrad)
+                      wgrad=wgrad, **model_options)
+  if not isinstance(image_size, int):
+    image_size = list(image_size)
   out = {'model': model, 'batch': batch, 'image_size': image_size,
          'num_classes': num_classes, 'precision': precision,
-         'jax_conv_wgrad': pair.wgrad,
+         'jax_conv_wgrad': pair.wgrad, **getattr(pair, 'settings', {}),
          'machine': machine(), **pair.parity()}
   if timing:
     out.update(pair.timing(warmup, repeats))
@@ -266,13 +523,25 @@ def compare(model: str, *, batch: int, image_size: int, num_classes: int,
 
 
 def _summary(r: dict[str, Any]) -> str:
-  lines = [f'{r["model"]}: batch {r["batch"]} at {r["image_size"]}px, '
-           f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
-           f'{r["machine"]["devices"]}']
-  for key in ('outputs_eval', 'outputs_train', 'loss'):
+  if 'volume' in r:
+    lines = [f'{r["model"]}: batch {r["batch"]} of '
+             f'{"x".join(map(str, r["volume"]))} voxels, filters '
+             f'{",".join(map(str, r["filters"]))} ({r["num_params"]:,} '
+             f'parameters), {r["activation"]}, upsample {r["upsample"]}, '
+             f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
+             f'{r["machine"]["devices"]}']
+  else:
+    lines = [f'{r["model"]}: batch {r["batch"]} at {r["image_size"]}px, '
+             f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
+             f'{r["machine"]["devices"]}']
+  for key in ('outputs_eval', 'outputs_train', 'outputs', 'loss'):
+    if key not in r:
+      continue
     e = r[key]
     lines.append(f'  {key:<14} max_abs {e["max_abs"]:.3e}  max_rel '
                  f'{e["max_rel"]:.3e}  norm_rel {e["norm_rel"]:.3e}')
+  if 'outputs_note' in r:
+    lines.append(f'  ({r["outputs_note"]})')
   g = r['grads']
   lines.append(f'  grads          worst norm_rel {g["worst_norm_rel"]:.3e} '
                f'({g["worst_param"]}), median {g["median_norm_rel"]:.3e}')
@@ -284,13 +553,36 @@ def _summary(r: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(','))
+  except ValueError:
+    raise UserError(f'{flag} {text}: expected comma-separated '
+                    f'integers') from None
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m jaxperf.compare',
                               description=__doc__.split('\n')[0])
-  p.add_argument('--model', required=True)
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--image-size', type=int, default=128)
-  p.add_argument('--num-classes', type=int, default=1000)
+  p.add_argument('--model', required=True, help=', '.join(PAIRS))
+  p.add_argument('--batch', type=int, default=None,
+                 help='default: 16 for resnet50, 1 for unet3d')
+  p.add_argument('--image-size', default=None,
+                 help='image side (default 128) for resnet50; for unet3d a '
+                      'cube side or D,H,W, multiples of 32 (default 64, the '
+                      'smallest cube; the reference trains on 128)')
+  p.add_argument('--num-classes', type=int, default=None,
+                 help='default: 1000 for resnet50, 3 for unet3d')
+  p.add_argument('--filters', default=None,
+                 help='unet3d: five comma-separated widths (default '
+                      f'{",".join(map(str, UNET3D_FILTERS))}, the '
+                      'reference\'s)')
+  p.add_argument('--activation', choices=('relu', 'leaky_relu'), default=None,
+                 help='unet3d: relu (the reference\'s default) or leaky_relu')
+  p.add_argument('--upsample', choices=('projection', 'conv_transpose'),
+                 default=None,
+                 help='unet3d: how the JAX model computes the transposed '
+                      'convolution (default projection)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--repeats', type=int, default=5)
@@ -303,20 +595,47 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--no-timing', action='store_true',
                  help='only the numerical comparison')
   p.add_argument('--torch-contiguous', action='store_true',
-                 help='run PyTorch in NCHW instead of channels-last')
+                 help='run PyTorch in NCHW (NCDHW) instead of channels-last')
   p.add_argument('--json', default=None, help='write all results here')
   args = p.parse_args(argv)
   if args.precision == 'f64':
     jax.config.update('jax_enable_x64', True)
   try:
-    if args.batch < 1 or args.image_size < 32:
-      raise UserError('--batch must be >= 1 and --image-size >= 32')
-    result = compare(args.model, batch=args.batch, image_size=args.image_size,
-                     num_classes=args.num_classes, seed=args.seed,
+    batch, image_size, num_classes = _DEFAULTS.get(args.model,
+                                                   _DEFAULTS['resnet50'])
+    batch = batch if args.batch is None else args.batch
+    num_classes = num_classes if args.num_classes is None else args.num_classes
+    options = {}
+    if args.model == 'unet3d':
+      if args.image_size is not None:
+        image_size = _ints('--image-size', args.image_size)
+        image_size = image_size[0] if len(image_size) == 1 else image_size
+      if args.filters is not None:
+        options['filters'] = _ints('--filters', args.filters)
+      for key in ('activation', 'upsample'):
+        if getattr(args, key) is not None:
+          options[key] = getattr(args, key)
+      if batch < 1:
+        raise UserError('--batch must be >= 1')
+    else:
+      given = [f'--{k}' for k in ('filters', 'activation', 'upsample')
+               if getattr(args, k) is not None]
+      if given:
+        raise UserError(f'{", ".join(given)}: only for --model unet3d')
+      if args.image_size is not None:
+        image_size = _ints('--image-size', args.image_size)
+        if len(image_size) != 1:
+          raise UserError(f'--image-size {args.image_size}: one side for '
+                          f'{args.model}')
+        image_size = image_size[0]
+      if batch < 1 or image_size < 32:
+        raise UserError('--batch must be >= 1 and --image-size >= 32')
+    result = compare(args.model, batch=batch, image_size=image_size,
+                     num_classes=num_classes, seed=args.seed,
                      warmup=args.warmup, repeats=args.repeats,
                      channels_last=not args.torch_contiguous,
                      timing=not args.no_timing, precision=args.precision,
-                     wgrad=args.wgrad)
+                     wgrad=args.wgrad, **options)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

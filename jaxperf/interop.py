@@ -3,19 +3,25 @@
     variables = from_torch('resnet50', torchvision_model.state_dict())
     state_dict = to_torch('resnet50', variables)
 
-`variables` is the Flax dict {'params': ..., 'batch_stats': ...}. Every tensor
+Models: 'resnet50' (torchvision's ResNet-50 <-> models/resnet.py) and
+'unet3d' (the MLPerf reference 3D U-Net, jaxperf.torch_models.unet3d <->
+models/unet3d.py, any `filters` widths: see unet3d_tensors).
+
+`variables` is the Flax dict {'params': ..., 'batch_stats': ...} ({'params':
+...} alone for unet3d, whose instance norms keep no statistics). Every tensor
 is accounted for: a missing, unexpected or misshapen tensor is an error that
 names it, never a partial load. from_torch accepts torch tensors or numpy
 arrays; to_torch returns torch tensors (torch is imported only there).
 
-Layouts: Flax convolution kernels are HWIO and PyTorch's OIHW; Flax dense
-kernels are (in, out) and PyTorch's (out, in).
+Layouts: Flax convolution kernels are HWIO and PyTorch's OIHW (3D: DHWIO and
+OIDHW); PyTorch's transposed 3D convolution weight is (in, out, D, H, W), its
+Flax kernel DHWIO; Flax dense kernels are (in, out) and PyTorch's (out, in).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,23 +38,29 @@ class _Tensor:
   """One reference tensor: where it lives in the Flax tree and its layout."""
   torch_name: str
   flax_path: tuple[str, ...]      # ('params', 'conv0', 'kernel')
-  kind: str                       # conv | dense | vector
+  kind: str                       # conv | conv3d | deconv3d | dense | vector
+  # The PyTorch shape the model implies, where the mapping knows it.
+  shape: tuple[int, ...] | None = None
+
+
+# PyTorch layout -> Flax layout, and back, per kind.
+_TO_FLAX = {'conv': (2, 3, 1, 0),          # OIHW -> HWIO
+            'conv3d': (2, 3, 4, 1, 0),     # OIDHW -> DHWIO
+            'deconv3d': (2, 3, 4, 0, 1),   # IODHW -> DHWIO
+            'dense': (1, 0)}
+_TO_TORCH = {'conv': (3, 2, 0, 1),
+             'conv3d': (4, 3, 0, 1, 2),
+             'deconv3d': (3, 4, 0, 1, 2),
+             'dense': (1, 0)}
+_RANK = {'conv': 4, 'conv3d': 5, 'deconv3d': 5, 'dense': 2, 'vector': 1}
 
 
 def _to_flax(kind: str, a: np.ndarray) -> np.ndarray:
-  if kind == 'conv':
-    return np.transpose(a, (2, 3, 1, 0))
-  if kind == 'dense':
-    return np.transpose(a, (1, 0))
-  return a
+  return np.transpose(a, _TO_FLAX[kind]) if kind in _TO_FLAX else a
 
 
 def _to_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
-  if kind == 'conv':
-    return np.transpose(a, (3, 2, 0, 1))
-  if kind == 'dense':
-    return np.transpose(a, (1, 0))
-  return a
+  return np.transpose(a, _TO_TORCH[kind]) if kind in _TO_TORCH else a
 
 
 # ------------------------------------------------------------------ resnet50
@@ -83,19 +95,115 @@ def resnet_tensors(stage_sizes=(3, 4, 6, 3)) -> list[_Tensor]:
   return out
 
 
+# ------------------------------------------------------------------ unet3d
+
+def _unet3d_block(torch_prefix: str, flax_module: str,
+                  io: tuple[int, int] | None) -> list[_Tensor]:
+  """conv (no bias) `prefix.0` -> InstanceNorm3d(affine) `prefix.1`."""
+  cin, cout = io or (None, None)
+  return [
+      _Tensor(f'{torch_prefix}.0.weight',
+              ('params', flax_module, 'conv', 'kernel'), 'conv3d',
+              (cout, cin, 3, 3, 3) if io else None),
+      _Tensor(f'{torch_prefix}.1.weight',
+              ('params', flax_module, 'instancenorm', 'scale'), 'vector',
+              (cout,) if io else None),
+      _Tensor(f'{torch_prefix}.1.bias',
+              ('params', flax_module, 'instancenorm', 'bias'), 'vector',
+              (cout,) if io else None)]
+
+
+def unet3d_tensors(filters: Sequence[int] | None = None, in_channels: int = 1,
+                   n_class: int = 3) -> list[_Tensor]:
+  """The MLPerf 3D U-Net <-> models/unet3d.py, tensor by tensor.
+
+  The names depend only on the depth (five widths, as in the reference), not
+  on the widths. Given `filters`, each tensor also carries the PyTorch shape
+  that these widths, `in_channels` and `n_class` imply. from_torch('unet3d')
+  infers all three from the state_dict itself (unet3d_dims), so a U-Net of
+  any widths (e.g. filters=(8, 16, 32, 64, 80)) loads, and a tensor that
+  disagrees with the inferred widths is named.
+
+  Mapping: input_block.conv{1,2} <-> input_block_{0,1};
+  downsample.{i}.conv{1,2} <-> down{i}_block_{0,1}; bottleneck.conv{1,2} <->
+  down4_block_{0,1}; upsample.{i}.upsample_conv.0 <-> up{i}_deconv;
+  upsample.{i}.conv{1,2} <-> up{i}_block_{0,1}; output.conv.0 <->
+  output_conv. Conv `.0.weight` <-> conv/kernel, norm `.1.weight` <->
+  instancenorm/scale, `.1.bias` <-> instancenorm/bias.
+  """
+  known = filters is not None
+  f = tuple(int(x) for x in filters) if known else (None,) * 5
+  if len(f) != 5:
+    raise InteropError(f'unet3d: filters must have 5 widths, got {list(f)}')
+  io = lambda cin, cout: (cin, cout) if known else None
+  w = lambda i: f[i]
+  out = [*_unet3d_block('input_block.conv1', 'input_block_0',
+                        io(in_channels, w(0))),
+         *_unet3d_block('input_block.conv2', 'input_block_1', io(w(0), w(0)))]
+  downs = [(f'downsample.{i}', w(i), w(i + 1)) for i in range(4)]
+  downs.append(('bottleneck', w(4), w(4)))
+  for i, (tp, cin, cout) in enumerate(downs):
+    out += _unet3d_block(f'{tp}.conv1', f'down{i}_block_0', io(cin, cout))
+    out += _unet3d_block(f'{tp}.conv2', f'down{i}_block_1', io(cout, cout))
+  ups = [(w(4), w(4))] + [(w(i + 1), w(i)) for i in reversed(range(4))]
+  for i, (cin, cout) in enumerate(ups):
+    tp, fm = f'upsample.{i}', f'up{i}'
+    out += [_Tensor(f'{tp}.upsample_conv.0.weight',
+                    ('params', f'{fm}_deconv', 'kernel'), 'deconv3d',
+                    (cin, cout, 2, 2, 2) if known else None),
+            _Tensor(f'{tp}.upsample_conv.0.bias',
+                    ('params', f'{fm}_deconv', 'bias'), 'vector',
+                    (cout,) if known else None)]
+    out += _unet3d_block(f'{tp}.conv1', f'{fm}_block_0',
+                         io(2 * cout, cout) if known else None)
+    out += _unet3d_block(f'{tp}.conv2', f'{fm}_block_1', io(cout, cout))
+  out += [_Tensor('output.conv.0.weight', ('params', 'output_conv', 'kernel'),
+                  'conv3d', (n_class, w(0), 1, 1, 1) if known else None),
+          _Tensor('output.conv.0.bias', ('params', 'output_conv', 'bias'),
+                  'vector', (n_class,) if known else None)]
+  return out
+
+
+def unet3d_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+  """filters, in_channels and n_class of a U-Net from its PyTorch shapes.
+
+  Read from the 3D conv weights (out, in, ...) of input_block.conv1,
+  downsample.{0..3}.conv1 and output.conv; the other tensors are then
+  checked against what these widths imply.
+  """
+  def dim(name, axis):
+    shape = tuple(shapes[name])
+    if len(shape) != 5:
+      raise InteropError(f'unet3d: tensor {name} has rank {len(shape)}, '
+                         f'expected 5')
+    return int(shape[axis])
+  filters = (dim('input_block.conv1.0.weight', 0),
+             *(dim(f'downsample.{i}.conv1.0.weight', 0) for i in range(4)))
+  return {'filters': filters,
+          'in_channels': dim('input_block.conv1.0.weight', 1),
+          'n_class': dim('output.conv.0.weight', 0)}
+
+
 # Bookkeeping entries of a state_dict that carry no weights.
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
 
-_MODELS: dict[str, Callable[[], list[_Tensor]]] = {
-    'resnet50': lambda: resnet_tensors((3, 4, 6, 3)),
+# Per model: the tensor list, given the PyTorch shapes of a state_dict whose
+# names are already known to match (None: names only).
+_MODELS: dict[str, Callable[[Mapping[str, tuple[int, ...]] | None],
+                            list[_Tensor]]] = {
+    'resnet50': lambda shapes: resnet_tensors((3, 4, 6, 3)),
+    'unet3d': lambda shapes: (unet3d_tensors() if shapes is None else
+                              unet3d_tensors(**unet3d_dims(shapes))),
 }
 
 
-def _tensors(model_name: str) -> list[_Tensor]:
+def _tensors(model_name: str,
+             shapes: Mapping[str, tuple[int, ...]] | None = None
+             ) -> list[_Tensor]:
   if model_name not in _MODELS:
     raise InteropError(f'no weight mapping for model {model_name!r}; known: '
                        f'{", ".join(_MODELS)}')
-  return _MODELS[model_name]()
+  return _MODELS[model_name](shapes)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -133,15 +241,25 @@ def _check_shapes(model_name: str, tensors: list[_Tensor],
           f'(Flax {"/".join(t.flax_path)} {want})')
 
 
+def _describe_dims(model_name: str, raw: Mapping[str, np.ndarray]) -> str:
+  if model_name == 'unet3d':
+    d = unet3d_dims({k: a.shape for k, a in raw.items()})
+    return (f'filters={list(d["filters"])}, in_channels={d["in_channels"]}, '
+            f'n_class={d["n_class"]}, read from the weights of '
+            f'input_block.conv1, downsample.{{0..3}}.conv1 and output.conv')
+  return 'as read from the state_dict'
+
+
 def from_torch(model_name: str, state_dict: Mapping[str, Any],
                expected: Mapping | None = None) -> dict[str, Any]:
   """Flax variables from a PyTorch reference state_dict.
 
   Args:
-    model_name: e.g. 'resnet50'.
+    model_name: 'resnet50' or 'unet3d'.
     state_dict: the reference module's state_dict (tensors or arrays).
     expected: optional variables (or jax.eval_shape of them) of the target
-      model; shapes are checked against them, tensor by tensor.
+      model; shapes are checked against them, tensor by tensor. (unet3d
+      tensors are also checked against the widths the state_dict implies.)
   """
   tensors = _tensors(model_name)
   names = {t.torch_name for t in tensors}
@@ -159,13 +277,20 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
                    + (' ...' if len(unexpected) > 6 else ''))
     raise InteropError(f'{model_name} state_dict does not match the model: '
                        + '; '.join(parts))
-  arrays = {t.torch_name: _to_flax(t.kind, _numpy(state_dict[t.torch_name]))
-            for t in tensors}
+  raw = {t.torch_name: _numpy(state_dict[t.torch_name]) for t in tensors}
   for t in tensors:
-    want_rank = {'conv': 4, 'dense': 2, 'vector': 1}[t.kind]
-    if arrays[t.torch_name].ndim != want_rank:
+    if raw[t.torch_name].ndim != _RANK[t.kind]:
       raise InteropError(f'{model_name}: tensor {t.torch_name} has rank '
-                         f'{arrays[t.torch_name].ndim}, expected {want_rank}')
+                         f'{raw[t.torch_name].ndim}, expected {_RANK[t.kind]}')
+  tensors = _tensors(model_name, {k: a.shape for k, a in raw.items()})
+  for t in tensors:
+    if t.shape is not None and tuple(raw[t.torch_name].shape) != t.shape:
+      raise InteropError(
+          f'{model_name}: tensor {t.torch_name} has shape '
+          f'{tuple(raw[t.torch_name].shape)} but the other tensors imply '
+          f'{t.shape} ({_describe_dims(model_name, raw)})')
+  arrays = {t.torch_name: _to_flax(t.kind, raw[t.torch_name])
+            for t in tensors}
   _check_shapes(model_name, tensors, expected, arrays)
   out: dict[str, Any] = {}
   for t in tensors:
@@ -195,7 +320,8 @@ def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
                        f'{", ".join(extra[:6])}')
   out = {}
   for t in tensors:
-    a = np.asarray(_get(variables, t.flax_path, model_name), np.float32)
+    # A copy: arrays from JAX are read-only, torch tensors writable.
+    a = np.array(_get(variables, t.flax_path, model_name), np.float32)
     out[t.torch_name] = torch.from_numpy(
         np.ascontiguousarray(_to_torch_layout(t.kind, a)))
     if t.torch_name.endswith('running_var'):

@@ -1,0 +1,1 @@
+"""PyTorch versions of the MLPerf reference models (compare, parity tests)."""
