@@ -106,7 +106,7 @@ def test_shapes_and_dtypes(tiny, opened):
   for _, image, label in got:
     assert image.shape == label.shape == (12, 12, 12)
     assert image.dtype == np.float32 and label.dtype == np.uint8
-  with pytest.raises(NotImplementedError, match='whole cases'):
+  with pytest.raises(DataError, match='whole cases'):
     evals.eval_batches(2)
   with pytest.raises(ValueError, match='cases()'):
     evals.train_batches(0, 2)

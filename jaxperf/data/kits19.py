@@ -362,7 +362,7 @@ class Kits19Source(abc.ABC):
   def eval_batches(self, global_batch: int, *, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     del global_batch, process_index, process_count
-    raise NotImplementedError(
+    raise DataError(
         'KiTS19 evaluation goes by whole cases, not batches: iterate cases() '
         '(the unet3d workload evaluates by sliding windows over them)')
 
