@@ -123,3 +123,69 @@ def weight_decay_mask(params: Any) -> Any:
     name = getattr(last, 'key', getattr(last, 'name', str(last)))
     return name == 'kernel'
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+# ------------------------------------------------------------------- BERT
+
+
+def bert_lr_schedule(base_lr: float, warmup_steps: int, total_steps: int,
+                     start_warmup_step: int = 0,
+                     power: float = 1.0) -> Schedule:
+  """The MLPerf BERT reference's learning rate at (0-based) step t.
+
+  Polynomial decay of base_lr to 0 at `total_steps`, counted from step 0:
+      base_lr * (1 - min(t, total_steps) / total_steps) ** power
+  replaced while t - start_warmup_step < warmup_steps by the linear warmup
+      base_lr * (t - start_warmup_step) / warmup_steps.
+  (start_warmup_step may be negative: warmup then starts part-way up.)
+  """
+  total = max(int(total_steps), 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    decayed = base_lr * (1.0 - jnp.minimum(t, total) / total) ** power
+    if not warmup_steps:
+      return decayed
+    warm_t = t - start_warmup_step
+    warm = base_lr * warm_t / warmup_steps
+    return jnp.where(warm_t < warmup_steps, warm, decayed)
+
+  return schedule
+
+
+def lamb(learning_rate: Schedule | float, *, b1: float = 0.9,
+         b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.01,
+         decay_mask: Any = None, clip_norm: float | None = 1.0
+         ) -> optax.GradientTransformation:
+  """LAMB as the MLPerf BERT reference applies it.
+
+  Gradients are clipped to global norm `clip_norm`; then per tensor
+      m, v   = Adam moments;  u = m_hat / (sqrt(v_hat) + eps)   (bias-corrected)
+      u     += weight_decay * w                   (decayed tensors only)
+      w     -= lr * r * u,  r = |w| / |u|  (1 if either norm is 0;
+                                            r = 1 for excluded tensors)
+  Layer-norm parameters and biases are excluded from both the weight decay
+  and the trust ratio (`decay_mask` False): the reference's
+  exclude_from_weight_decay = ["LayerNorm", "layer_norm", "bias"], which its
+  LAMB also uses as exclude_from_layer_adaptation.
+  """
+  parts = []
+  if clip_norm is not None:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts += [
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.masked(optax.scale_by_trust_ratio(), decay_mask)
+      if decay_mask is not None else optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate),
+  ]
+  return optax.chain(*parts)
+
+
+def bert_decay_mask(params: Any) -> Any:
+  """False for layer-norm parameters and biases (the reference's exclusions:
+  any tensor whose name contains LayerNorm, layer_norm or bias)."""
+  def keep(path, _):
+    names = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
+    return not any('layer_norm' in n or 'bias' in n for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)

@@ -61,6 +61,13 @@ class _Preempted(Exception):
   pass
 
 
+def _short_list(values: list, head: int = 6) -> str:
+  if len(values) <= 2 * head:
+    return str(values)
+  return (', '.join(map(str, values[:head])) + f', ... ({len(values)} in all)'
+          ', ' + ', '.join(map(str, values[-2:])))
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -218,7 +225,7 @@ class Trainer:
     gbs = int(cfg.global_batch_size)
     ebs = int(cfg.eval_batch_size)
     sched = w.setup(train_ds.num_examples)
-    train_epochs = int(cfg.train_epochs)
+    train_epochs = w.train_length()
     total_steps = sched.steps_for(train_epochs)
     eval_epochs = w.eval_epochs(train_epochs)
     k = max(int(cfg.steps_per_dispatch), 1)
@@ -290,9 +297,12 @@ class Trainer:
     flops_per_step = _step_flops(w, abstract_state, stacked)
     peak = _peak_flops(jax.devices()[0])
     self.say(f'{w.name}: {mesh_lib.describe(mesh)}; global batch {gbs}; '
-             f'{total_steps} steps ({train_epochs} epochs of '
-             f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
-             f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
+             + (f'{total_steps} steps ({train_epochs} epochs of '
+                f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
+                if sched.unit == 'epochs' else
+                f'{total_steps} steps ({train_epochs} {sched.unit}); evals '
+                f'after {_short_list(eval_epochs)} {sched.unit}; ')
+             + f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
              f'{w.target}; compiled in {compile_s:.1f}s')
     if opts.compile_only:
       self.say(f'compile only: train step ({k} steps per call) and eval step '
@@ -377,7 +387,8 @@ class Trainer:
         last_print_step = done
         rec_loss = float(host['loss'][n - 1])
         parts = [f'step {done}/{total_steps}',
-                 f'epoch {sched.epoch_of(done):.2f}',
+                 (f'epoch {sched.epoch_of(done):.2f}' if sched.unit == 'epochs'
+                  else f'{sched.epoch_of(done):,.0f} {sched.unit}'),
                  f'loss {rec_loss:.4f}']
         if 'learning_rate' in host:
           parts.append(f'lr {float(host["learning_rate"][n - 1]):.4g}')
@@ -453,7 +464,9 @@ class Trainer:
         evals.append(ev)
         metrics_log.write(ev)
         reached = w.reached(value)
-        self.say(f'eval @ epoch {epoch_end} (step {step}): {w.metric} = '
+        where = (f'epoch {epoch_end}' if sched.unit == 'epochs'
+                 else f'{epoch_end:,} {sched.unit}')
+        self.say(f'eval @ {where} (step {step}): {w.metric} = '
                  f'{value:.4f} (target {w.target})'
                  + ('  -> target reached' if reached else ''))
         prev_epoch = epoch_end

@@ -10,6 +10,7 @@ from jaxperf.errors import ConfigError
 _REGISTRY = {
     'resnet50': 'jaxperf.workloads.resnet:ResNet50',
     'unet3d': 'jaxperf.workloads.unet3d:UNet3D',
+    'bert': 'jaxperf.workloads.bert:Bert',
 }
 ALIASES = {'resnet': 'resnet50'}
 

@@ -54,9 +54,14 @@ class Evaluator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """How a run's steps map onto MLPerf epochs."""
+  """How a run's steps map onto MLPerf epochs.
+
+  An "epoch" is `train_examples` samples; a workload whose MLPerf progress is
+  counted in samples (BERT) uses train_examples=1 and unit='samples'.
+  """
   train_examples: int
   global_batch: int
+  unit: str = 'epochs'
 
   def steps_for(self, epochs: float) -> int:
     """Steps until `epochs` epochs of data have been seen (rounded up: the
@@ -106,6 +111,10 @@ class Workload(abc.ABC):
     """Called once the training set size is known, before init."""
     self.schedule = Schedule(train_examples, int(self.config.global_batch_size))
     return self.schedule
+
+  def train_length(self) -> int:
+    """How many epochs (in the Schedule's unit) a run lasts at most."""
+    return int(self.config.train_epochs)
 
   # --- state -----------------------------------------------------------------
   @abc.abstractmethod

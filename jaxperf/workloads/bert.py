@@ -1,0 +1,327 @@
+"""BERT-large pretraining (MLPerf benchmark "bert"): masked-LM accuracy 0.720.
+
+MLPerf counts BERT's progress in training samples, not epochs: `epoch_num` in
+the log is the number of samples seen, evaluation runs every
+`eval_interval_samples` (the rules' formula
+floor(0.05 * (230.23 * batch + 3e6) / 25000) * 25000 unless the config sets
+it) and a run lasts at most `max_steps` steps (the learning-rate schedule's
+opt_learning_rate_training_steps). The Schedule here therefore has one sample
+as its "epoch".
+
+The loss is the reference's: the masked-LM cross-entropy averaged over the
+masked predictions with masked_lm_weights (denominator + 1e-5) plus the
+next-sentence cross-entropy averaged over sequences. Batches are in the packed
+form (see models/bert.py); unpacked data is the one-sequence-per-row case, so
+packed and unpacked data train the same model with the same step.
+
+Sharding: parameters and activations carry logical axis names and
+`sharding.logical.TRANSFORMER_RULES` maps them onto the mesh, so `--mesh
+data=8`, `fsdp=8` or `data=2,tensor=4` choose data, fully sharded or tensor
+parallelism for the same program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxperf import optim
+from jaxperf.config import Config
+from jaxperf.errors import ConfigError
+from jaxperf.models import bert as bert_model
+from jaxperf.sharding import logical
+from jaxperf.sharding import mesh as mesh_lib
+from jaxperf.workloads.base import Schedule, TrainState, Workload
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+           'float16': jnp.float16}
+BATCH_KEYS_INT = ('input_ids', 'segment_ids', 'sequence_ids', 'position_ids')
+
+
+def mlperf_eval_interval(global_batch: int) -> int:
+  """Samples between evaluations, as the MLPerf rules define them."""
+  return int(0.05 * (230.23 * global_batch + 3_000_000) // 25_000) * 25_000
+
+
+class Bert(Workload):
+  name = 'bert'
+  benchmark = 'bert'
+  metric = 'masked_lm_accuracy'
+  higher_is_better = True
+  description = 'BERT-large pretraining, Wikipedia, masked-LM accuracy'
+
+  def __init__(self, config: Config):
+    super().__init__(config)
+    c = config
+    if c.optimizer != 'lamb':
+      raise ConfigError(f'optimizer={c.optimizer!r}: the reference uses lamb')
+    if c.dtype not in _DTYPES:
+      raise ConfigError(f'dtype={c.dtype!r}: expected one of {list(_DTYPES)}')
+    if c.attention not in ('auto', 'xla', 'cudnn'):
+      raise ConfigError(f'attention={c.attention!r}: expected auto, xla or '
+                        f'cudnn')
+    try:
+      self.model_cfg = bert_model.BertConfig(
+          vocab_size=int(c.vocab_size), hidden_size=int(c.hidden_size),
+          num_layers=int(c.num_layers), num_heads=int(c.num_heads),
+          intermediate_size=int(c.intermediate_size),
+          max_position=int(c.max_position),
+          hidden_dropout=float(c.hidden_dropout),
+          attention_dropout=float(c.attention_dropout))
+    except ValueError as e:
+      raise ConfigError(f'model config: {e}') from None
+    self.seq_len = int(c.max_seq_length)
+    if not 0 < self.seq_len <= self.model_cfg.max_position:
+      raise ConfigError(f'max_seq_length={self.seq_len}: expected 1..'
+                        f'max_position ({self.model_cfg.max_position})')
+    self.max_predictions = int(c.max_predictions_per_seq)
+    self.max_sequences = int(c.max_sequences_per_row) if c.packed else 1
+    if int(c.max_steps) < 1:
+      raise ConfigError(f'max_steps={c.max_steps}: expected >= 1')
+    self.mesh = None
+    self.model = self._build_model(None)
+    self._tx = None
+    self._lr = None
+
+  def _build_model(self, mesh) -> bert_model.BertForPreTraining:
+    c = self.config
+    impl = c.attention
+    if impl == 'auto':
+      impl = ('cudnn' if jax.default_backend() == 'gpu'
+              and c.dtype in ('bfloat16', 'float16') else 'xla')
+    return bert_model.BertForPreTraining(
+        cfg=self.model_cfg, dtype=_DTYPES[c.dtype],
+        attention_impl=None if impl == 'xla' else impl,
+        shard=logical.activation_constraint(mesh, logical.TRANSFORMER_RULES))
+
+  # --- data --------------------------------------------------------------------
+  def datasets(self, data_dir, seed):
+    from jaxperf.data import bert as bert_data  # pylint: disable=g-import-not-at-top
+    c = self.config
+    if data_dir is None:
+      return bert_data.synthetic_bert(
+          int(c.synthetic_train_samples), int(c.synthetic_eval_samples),
+          vocab_size=self.model_cfg.vocab_size, seq_len=self.seq_len,
+          max_predictions=self.max_predictions,
+          max_sequences_per_row=self.max_sequences,
+          packed=bool(c.packed), seed=seed)
+    return bert_data.open_bert(
+        data_dir, seq_len=self.seq_len, max_predictions=self.max_predictions,
+        max_sequences_per_row=self.max_sequences, packed=bool(c.packed),
+        vocab_size=self.model_cfg.vocab_size, seed=seed,
+        train_glob=c.train_files, eval_glob=c.eval_files)
+
+  def batch_spec(self, global_batch, train):
+    b, s = global_batch, self.seq_len
+    p = self.max_predictions
+    k = self.max_sequences
+    i32, f32 = jnp.int32, jnp.float32
+    spec = {key: jax.ShapeDtypeStruct((b, s), i32) for key in BATCH_KEYS_INT}
+    spec.update(
+        masked_lm_positions=jax.ShapeDtypeStruct((b, p), i32),
+        masked_lm_ids=jax.ShapeDtypeStruct((b, p), i32),
+        masked_lm_weights=jax.ShapeDtypeStruct((b, p), f32),
+        next_sentence_positions=jax.ShapeDtypeStruct((b, k), i32),
+        next_sentence_labels=jax.ShapeDtypeStruct((b, k), i32),
+        next_sentence_weights=jax.ShapeDtypeStruct((b, k), f32))
+    return spec
+
+  def check_mesh(self, mesh) -> None:
+    bad = [a for a in mesh.axis_names if a not in ('data', 'fsdp', 'tensor')
+           and mesh.shape[a] > 1]
+    if bad:
+      raise ConfigError(f'--mesh {mesh_lib.describe(mesh)}: bert uses the '
+                        f'data, fsdp and tensor axes; {bad} would replicate '
+                        f'the work')
+    tensor = mesh.shape.get('tensor', 1)
+    if self.model_cfg.num_heads % tensor:
+      raise ConfigError(f'--mesh {mesh_lib.describe(mesh)}: tensor={tensor} '
+                        f'does not divide num_heads={self.model_cfg.num_heads}')
+    self.mesh = mesh
+    self.model = self._build_model(mesh)
+
+  def setup(self, train_examples):
+    del train_examples  # BERT's schedule is in samples, whatever the set size
+    c = self.config
+    gbs = int(c.global_batch_size)
+    self.schedule = Schedule(1, gbs, unit='samples')
+    self._lr = optim.bert_lr_schedule(
+        float(c.base_learning_rate), int(c.warmup_steps), int(c.max_steps),
+        start_warmup_step=int(c.start_warmup_step), power=float(c.poly_power))
+    self._tx = optim.lamb(
+        self._lr, b1=float(c.lamb_beta_1), b2=float(c.lamb_beta_2),
+        eps=float(c.lamb_epsilon), weight_decay=float(c.weight_decay),
+        decay_mask=optim.bert_decay_mask, clip_norm=float(c.clip_norm))
+    return self.schedule
+
+  def train_length(self) -> int:
+    return int(self.config.max_steps) * int(self.config.global_batch_size)
+
+  def eval_interval(self) -> int:
+    every = self.config.eval_interval_samples
+    return (mlperf_eval_interval(int(self.config.global_batch_size))
+            if every is None else int(every))
+
+  def eval_epochs(self, train_epochs):
+    """Sample counts after which to evaluate: every eval_interval from 0 (the
+    evaluation at 0 skipped), and at the end."""
+    every = self.eval_interval()
+    if every < 1:
+      raise ConfigError(f'eval_interval_samples={every}: expected >= 1')
+    # Evaluate when the first step at or past each multiple has run.
+    gbs = int(self.config.global_batch_size)
+    points = []
+    for s in range(every, train_epochs + 1, every):
+      done = -(-s // gbs) * gbs
+      if not points or done > points[-1]:
+        points.append(done)
+    if not points or points[-1] != train_epochs:
+      points.append(train_epochs)
+    return points
+
+  # --- state -------------------------------------------------------------------
+  def _dummy_inputs(self):
+    s, p, k = self.seq_len, self.max_predictions, self.max_sequences
+    z = lambda n: jnp.zeros((1, n), jnp.int32)
+    return (z(s), z(s), z(s), z(s), z(p), z(k))
+
+  def boxed_params(self, rng):
+    """Parameters with their logical axis names (nn.LogicallyPartitioned)."""
+    return self.model.init(rng, *self._dummy_inputs())['params']
+
+  def init_state(self, rng):
+    key = jax.random.wrap_key_data(rng)
+    params = nn.unbox(self.boxed_params(key))
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      model_state={}, opt_state=self._tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  def state_sharding(self, abstract_state, mesh):
+    """Parameters and their optimizer moments sharded by their logical names;
+    step, counters and rng replicated."""
+    boxed = jax.eval_shape(self.boxed_params, jax.random.key(0))
+    param_sh = logical.tree_shardings(boxed, mesh, logical.TRANSFORMER_RULES)
+    opt_boxed = jax.eval_shape(self._tx.init, boxed)
+    opt_sh = logical.tree_shardings(opt_boxed, mesh, logical.TRANSFORMER_RULES)
+    rep = mesh_lib.replicated(mesh)
+    sh = TrainState(step=rep, params=param_sh, model_state={},
+                    opt_state=opt_sh, rng=rep)
+    # Same structure as the unboxed state (boxes are pytree nodes).
+    return jax.tree.unflatten(jax.tree.structure(abstract_state),
+                              jax.tree.leaves(sh))
+
+  # --- steps -------------------------------------------------------------------
+  def _apply(self, params, batch, *, train: bool, rng=None):
+    return self.model.apply(
+        {'params': params}, batch['input_ids'], batch['segment_ids'],
+        batch['sequence_ids'], batch['position_ids'],
+        batch['masked_lm_positions'], batch['next_sentence_positions'],
+        deterministic=not train,
+        rngs={'dropout': rng} if rng is not None else None)
+
+  def losses(self, params, batch, *, train: bool, rng=None):
+    """(total loss, aux): the reference's MLM + NSP pretraining loss."""
+    mlm_logits, nsp_logits = self._apply(params, batch, train=train, rng=rng)
+    out = pretraining_losses(mlm_logits, nsp_logits, batch)
+    return out['loss'], out
+
+  def train_step(self, state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    has_dropout = (self.model_cfg.hidden_dropout > 0
+                   or self.model_cfg.attention_dropout > 0)
+
+    def loss_fn(params):
+      return self.losses(params, batch, train=True,
+                         rng=rng if has_dropout else None)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = self._tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'mlm_loss': aux['mlm_loss'],
+               'nsp_loss': aux['nsp_loss'],
+               'learning_rate': self._lr(state.step),
+               'grad_norm': jnp.sqrt(sum(jnp.sum(jnp.square(g))
+                                         for g in jax.tree.leaves(grads)))}
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  def eval_step(self, state, batch):
+    mlm_logits, nsp_logits = self._apply(state.params, batch, train=False)
+    valid = batch['mask'].astype(jnp.float32)[:, None]
+    w = batch['masked_lm_weights'] * valid
+    pred = jnp.argmax(mlm_logits, axis=-1)
+    correct = (pred == batch['masked_lm_ids']).astype(jnp.float32)
+    logp = jax.nn.log_softmax(mlm_logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch['masked_lm_ids'][..., None],
+                               axis=-1)[..., 0]
+    nw = batch['next_sentence_weights'] * valid
+    nsp_correct = (jnp.argmax(nsp_logits, -1) == batch['next_sentence_labels'])
+    return {'mlm_correct': jnp.sum(correct * w), 'mlm_weight': jnp.sum(w),
+            'mlm_nll': jnp.sum(nll * w),
+            'nsp_correct': jnp.sum(nsp_correct.astype(jnp.float32) * nw),
+            'nsp_weight': jnp.sum(nw),
+            'examples': jnp.sum(batch['mask'].astype(jnp.float32))}
+
+  def eval_result(self, sums: Mapping[str, float]) -> dict[str, float]:
+    w = max(float(sums['mlm_weight']), 1e-9)
+    nw = max(float(sums['nsp_weight']), 1e-9)
+    return {self.metric: float(sums['mlm_correct']) / w,
+            'mlm_loss': float(sums['mlm_nll']) / w,
+            'nsp_accuracy': float(sums['nsp_correct']) / nw,
+            'eval_examples': int(sums['examples'])}
+
+  # --- MLPerf logging ----------------------------------------------------------
+  def mlperf_hyperparameters(self) -> dict[str, Any]:
+    c = self.config
+    eps = float(c.lamb_epsilon)
+    return {
+        'global_batch_size': int(c.global_batch_size),
+        'gradient_accumulation_steps': 1,
+        'opt_name': 'lamb',
+        'opt_base_learning_rate': float(c.base_learning_rate),
+        'opt_learning_rate_training_steps': int(c.max_steps),
+        'opt_learning_rate_warmup_steps': int(c.warmup_steps),
+        'num_warmup_steps': int(c.warmup_steps),
+        'start_warmup_step': int(c.start_warmup_step),
+        'opt_lamb_beta_1': float(c.lamb_beta_1),
+        'opt_lamb_beta_2': float(c.lamb_beta_2),
+        'opt_lamb_weight_decay_rate': float(c.weight_decay),
+        'opt_lamb_learning_rate_decay_poly_power': float(c.poly_power),
+        # Tag 2.1.0 of the checker wants opt_epsilon, its later revisions
+        # opt_lamb_epsilon: both are logged.
+        'opt_epsilon': eps,
+        'opt_lamb_epsilon': eps,
+        'max_sequence_length': self.seq_len,
+        'eval_interval_samples': self.eval_interval(),
+    }
+
+  def initialized_tensors(self, state: TrainState) -> list[str]:
+    from jaxperf import interop  # pylint: disable=g-import-not-at-top
+    return interop.bert_checker_tensor_names(self.model_cfg.num_layers)
+
+
+def pretraining_losses(mlm_logits, nsp_logits, batch) -> dict[str, jax.Array]:
+  """The reference's pretraining loss and its parts.
+
+  mlm = sum(w * nll) / (sum(w) + 1e-5) over masked predictions;
+  nsp = weighted mean of the next-sentence cross-entropy over sequences.
+  """
+  logp = jax.nn.log_softmax(mlm_logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch['masked_lm_ids'][..., None],
+                             axis=-1)[..., 0]
+  w = batch['masked_lm_weights'].astype(jnp.float32)
+  mlm = jnp.sum(nll * w) / (jnp.sum(w) + 1e-5)
+  nlogp = jax.nn.log_softmax(nsp_logits.astype(jnp.float32), axis=-1)
+  nsp_nll = -jnp.take_along_axis(
+      nlogp, batch['next_sentence_labels'][..., None], axis=-1)[..., 0]
+  nw = batch['next_sentence_weights'].astype(jnp.float32)
+  nsp = jnp.sum(nsp_nll * nw) / jnp.maximum(jnp.sum(nw), 1.0)
+  return {'loss': mlm + nsp, 'mlm_loss': mlm, 'nsp_loss': nsp,
+          'mlm_nll': nll, 'nsp_nll': nsp_nll}
