@@ -333,8 +333,13 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
   spec = workload.batch_spec(gbs, train=True)
   part = workload.batch_partition(mesh, train=True)
   batch_shs = {k: NamedSharding(mesh, part[k]) for k in spec}
-  batch = _synthetic_batch(spec, batch_shs, int(cfg.get('num_classes', 2)),
-                           seed)
+  host_batch = workload.bench_batch(gbs, seed)
+  if host_batch is None:
+    batch = _synthetic_batch(spec, batch_shs, int(cfg.get('num_classes', 2)),
+                             seed)
+  else:
+    batch = {k: jax.device_put(np.asarray(host_batch[k], spec[k].dtype),
+                               batch_shs[k]) for k in spec}
 
   # Compile ahead of time; FLOPs from the step before it is partitioned.
   abstract_state = jax.tree.map(
@@ -424,6 +429,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
       'flops_per_step': flops,
       'flops_per_sample': flops / gbs if flops else None,
       'flops_source': 'xla_cost_analysis',
+      'flops_per_sample_formula': workload.flops_per_example(),
       'compiled_flops_per_device': device_flops,
       'achieved_flops_per_s': achieved,
       'achieved_tflops_per_device': achieved / n_dev / 1e12 if achieved else None,
@@ -491,7 +497,10 @@ def summary(r: dict[str, Any]) -> str:
       ('throughput', f'{r["samples_per_s"]:.2f} samples/s'),
       ('FLOPs', f'{_si(r["flops_per_step"], "FLOP")} per step, '
                 f'{_si(r["flops_per_sample"], "FLOP")} per sample '
-                f'(XLA cost analysis)'),
+                f'(XLA cost analysis)'
+                + (f'; by formula {_si(r["flops_per_sample_formula"], "FLOP")}'
+                   f' per sample' if r.get('flops_per_sample_formula')
+                   else '')),
       ('achieved', f'{_si(r["achieved_flops_per_s"], "FLOP/s")} in total'),
       ('peak', peak),
       ('MFU', mfu),

@@ -236,6 +236,8 @@ class Trainer:
     state_sh = w.state_sharding(abstract, mesh)
     rep = mesh_lib.replicated(mesh)
     state = jax.jit(w.init_state, out_shardings=state_sh)(rng)
+    if resume_step is None:
+      state = w.load_initial_weights(state, state_sh)
     for name in w.initialized_tensors(state):
       ml.event(C.WEIGHTS_INITIALIZATION, metadata={'tensor': name})
     for key, value in w.mlperf_hyperparameters().items():

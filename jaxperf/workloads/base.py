@@ -126,6 +126,13 @@ class Workload(abc.ABC):
     rep = mesh_lib.replicated(mesh)
     return jax.tree.map(lambda _: rep, abstract_state)
 
+  def load_initial_weights(self, state: TrainState, shardings: Any
+                           ) -> TrainState:
+    """A fresh run's state after loading any starting checkpoint the config
+    names (e.g. BERT's phase-1 checkpoint); by default the state unchanged."""
+    del shardings
+    return state
+
   def check_mesh(self, mesh: Mesh) -> None:
     """Called with the run's mesh before the state is built: reject a mesh
     the workload cannot use (ConfigError) or adapt to it."""
@@ -158,6 +165,19 @@ class Workload(abc.ABC):
     sliding-window inference over whole volumes), compiled ahead of time
     here; None (the default) uses eval_step over eval_batches."""
     del mesh, abstract_state
+    return None
+
+  # --- benchmarking -------------------------------------------------------------
+  def bench_batch(self, global_batch: int, seed: int
+                  ) -> 'dict[str, Any] | None':
+    """A host batch (numpy) for jaxperf.bench when random arrays of
+    batch_spec would not be a valid input; None: random arrays."""
+    del global_batch, seed
+    return None
+
+  def flops_per_example(self) -> float | None:
+    """Training FLOPs per example by formula (forward + backward matmuls),
+    where the workload knows it; None otherwise."""
     return None
 
   # --- MLPerf logging ----------------------------------------------------------

@@ -22,12 +22,14 @@ parallelism for the same program.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -216,6 +218,46 @@ class Bert(Workload):
     return jax.tree.unflatten(jax.tree.structure(abstract_state),
                               jax.tree.leaves(sh))
 
+  def load_initial_weights(self, state, shardings):
+    """Parameters from `init_checkpoint` (the MLPerf phase-1 checkpoint): a
+    TF1 checkpoint prefix (model.ckpt-28252, read through TensorFlow) or a
+    PyTorch state_dict file of HF BertForPreTraining. The optimizer moments
+    start at zero, as the reference does not load them."""
+    path = self.config.init_checkpoint
+    if not path:
+      return state
+    from jaxperf import interop  # pylint: disable=g-import-not-at-top
+    path = os.path.expanduser(str(path))
+    kwargs = {'num_heads': self.model_cfg.num_heads}
+    if os.path.exists(path + '.index'):
+      variables = interop.from_tf_checkpoint('bert', path, **kwargs)
+    elif os.path.isfile(path):
+      import torch  # pylint: disable=g-import-not-at-top
+      sd = torch.load(path, map_location='cpu', weights_only=True)
+      if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'],
+                                                              dict):
+        sd = sd['model']
+      variables = interop.from_torch('bert', sd, **kwargs)
+    else:
+      raise ConfigError(
+          f'init_checkpoint={path!r}: expected a TF checkpoint prefix (with '
+          f'{path}.index next to it) or a PyTorch state_dict file')
+    params = variables['params']
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), state.params)
+    got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or any(
+        w[0] != g[0] for w, g in zip(jax.tree.leaves(want, is_leaf=_is_pair),
+                                     jax.tree.leaves(got, is_leaf=_is_pair))):
+      raise ConfigError(
+          f'init_checkpoint={path!r}: its tensors do not match the configured '
+          f'model (num_layers={self.model_cfg.num_layers}, hidden_size='
+          f'{self.model_cfg.hidden_size}, vocab_size='
+          f'{self.model_cfg.vocab_size})')
+    params = jax.tree.map(
+        lambda x, s, ref: jax.device_put(np.asarray(x, ref.dtype), s),
+        params, shardings.params, state.params)
+    return state.replace(params=params)
+
   # --- steps -------------------------------------------------------------------
   def _apply(self, params, batch, *, train: bool, rng=None):
     return self.model.apply(
@@ -277,6 +319,45 @@ class Bert(Workload):
             'nsp_accuracy': float(sums['nsp_correct']) / nw,
             'eval_examples': int(sums['examples'])}
 
+  # --- benchmarking -------------------------------------------------------------
+  def bench_batch(self, global_batch, seed):
+    """Rows of real tokens for timing: unpacked, one full-length sequence
+    per row; packed, max_sequences_per_row equal sequences filling the row.
+    (Attention and the dense layers cost the same whatever the tokens, so
+    only the layout matters.)"""
+    rng = np.random.default_rng(seed)
+    b, s, p, k = (global_batch, self.seq_len, self.max_predictions,
+                  self.max_sequences)
+    n = s // k
+    seq = np.minimum(np.arange(s) // n, k - 1) + 1
+    pos = np.arange(s) - (seq - 1) * n
+    return {
+        'input_ids': rng.integers(1, self.model_cfg.vocab_size, (b, s)),
+        'segment_ids': np.broadcast_to((pos >= n // 2).astype(np.int32),
+                                       (b, s)),
+        'sequence_ids': np.broadcast_to(seq, (b, s)),
+        'position_ids': np.broadcast_to(pos, (b, s)),
+        'masked_lm_positions': np.sort(rng.integers(0, s, (b, p)), axis=1),
+        'masked_lm_ids': rng.integers(1, self.model_cfg.vocab_size, (b, p)),
+        'masked_lm_weights': np.ones((b, p), np.float32),
+        'next_sentence_positions': np.broadcast_to(np.arange(k) * n, (b, k)),
+        'next_sentence_labels': rng.integers(0, 2, (b, k)),
+        'next_sentence_weights': np.ones((b, k), np.float32),
+    }
+
+  def flops_per_example(self):
+    """Matmul FLOPs of one training row (forward x 3 for forward and
+    backward): per layer and token 8H^2 (Q, K, V, output projections) + 4HF
+    (feed-forward) + 4SH (scores and context over the S keys); the MLM head
+    2H^2 + 2HV per prediction; pooler and NSP 2H^2 + 4H per sequence."""
+    c = self.model_cfg
+    h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    s, p, k = self.seq_len, self.max_predictions, self.max_sequences
+    per_token = c.num_layers * (8 * h * h + 4 * h * f + 4 * s * h)
+    forward = s * per_token + p * (2 * h * h + 2 * h * v) + k * (2 * h * h
+                                                                 + 4 * h)
+    return 3.0 * forward
+
   # --- MLPerf logging ----------------------------------------------------------
   def mlperf_hyperparameters(self) -> dict[str, Any]:
     c = self.config
@@ -305,6 +386,10 @@ class Bert(Workload):
   def initialized_tensors(self, state: TrainState) -> list[str]:
     from jaxperf import interop  # pylint: disable=g-import-not-at-top
     return interop.bert_checker_tensor_names(self.model_cfg.num_layers)
+
+
+def _is_pair(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
 
 
 def pretraining_losses(mlm_logits, nsp_logits, batch) -> dict[str, jax.Array]:
