@@ -1,0 +1,1 @@
+"""Offline data tools, run as `python -m jaxperf.tools.<name>`."""
