@@ -402,7 +402,8 @@ class Trainer:
         if evals:
           e = evals[-1]
           parts.append(f'last eval {w.metric} {e[w.metric]:.4f} '
-                       f'@ epoch {e["epoch"]}')
+                       + (f'@ epoch {e["epoch"]}' if sched.unit == 'epochs'
+                          else f'@ {e["epoch"]:,} {sched.unit}'))
         self.say(' | '.join(parts))
 
     def save(step_: int):
@@ -498,7 +499,9 @@ class Trainer:
                        'run_seconds': round(run_s, 3)})
     metrics_log.close()
     self.say(f'run_stop: {status} after {step} steps '
-             f'({sched.epoch_of(step):.2f} epochs) in {_fmt_time(run_s)} '
+             + (f'({sched.epoch_of(step):.2f} epochs) ' if sched.unit == 'epochs'
+                else f'({sched.epoch_of(step):,} {sched.unit}) ')
+             + f'in {_fmt_time(run_s)} '
              f'(run_start to run_stop); MLPerf log: {log_path}')
     return RunResult(status, step, sched.epoch_of(step), evals, run_s,
                      compile_s, log_path)

@@ -270,3 +270,49 @@ def test_lr_schedule_and_eval_interval():
   for gbs, every in [(256, 150_000), (1536, 150_000), (2048, 150_000),
                      (3072, 175_000), (4096, 175_000), (8192, 225_000)]:
     assert mlperf_eval_interval(gbs) == every
+
+
+def test_packed_batch_gives_the_unpacked_per_sequence_losses():
+  """The same sequences, packed three to a row or one per row: every
+  sequence's masked-LM and NSP losses agree."""
+  from jaxperf.data import bert as bert_data
+  from jaxperf.tools import pack_bert
+  from jaxperf.workloads.bert import pretraining_losses
+
+  src = bert_data.SyntheticBert(12, seq_len=32, max_predictions=5,
+                                vocab_size=160, seed=3, full_fraction=0.0,
+                                min_length=6, prefetch=0)
+  unpacked = src.rows(np.arange(12))
+  rows, groups = pack_bert.pack_examples(unpacked, max_per_row=3,
+                                         return_groups=True)
+  packed = bert_data.to_batch(rows)
+  assert len(rows) < 12 and (groups >= 0).sum() == 12
+
+  cfg = bert.BertConfig(vocab_size=160, hidden_size=32, num_layers=2,
+                        num_heads=4, intermediate_size=64, max_position=32)
+  model = bert.BertForPreTraining(cfg)
+  params = model.init(jax.random.key(0), *_inputs(cfg, 1, 32, 5, 1))
+
+  def run(b):
+    mlm, nsp = model.apply(params, b['input_ids'], b['segment_ids'],
+                           b['sequence_ids'], b['position_ids'],
+                           b['masked_lm_positions'],
+                           b['next_sentence_positions'])
+    out = pretraining_losses(mlm, nsp, b)
+    return np.asarray(out['mlm_nll']), np.asarray(out['nsp_nll'])
+
+  u_mlm, u_nsp = run(unpacked)
+  p_mlm, p_nsp = run(packed)
+  for r in range(groups.shape[0]):
+    seq_of_pred = np.take_along_axis(packed['sequence_ids'][r],
+                                     packed['masked_lm_positions'][r], 0)
+    for j, i in enumerate(groups[r]):
+      if i < 0:
+        continue
+      w_u = unpacked['masked_lm_weights'][i] > 0
+      w_p = (packed['masked_lm_weights'][r] > 0) & (seq_of_pred == j + 1)
+      assert w_u.sum() == w_p.sum() > 0
+      np.testing.assert_allclose(np.sort(p_mlm[r][w_p]),
+                                 np.sort(u_mlm[i][w_u]), rtol=2e-5, atol=2e-6)
+      np.testing.assert_allclose(p_nsp[r, j], u_nsp[i, 0], rtol=2e-5,
+                                 atol=2e-6)

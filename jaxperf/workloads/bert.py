@@ -82,8 +82,15 @@ class Bert(Workload):
     if not 0 < self.seq_len <= self.model_cfg.max_position:
       raise ConfigError(f'max_seq_length={self.seq_len}: expected 1..'
                         f'max_position ({self.model_cfg.max_position})')
-    self.max_predictions = int(c.max_predictions_per_seq)
     self.max_sequences = int(c.max_sequences_per_row) if c.packed else 1
+    if self.max_sequences < 1:
+      raise ConfigError(f'max_sequences_per_row={c.max_sequences_per_row}: '
+                        f'expected >= 1')
+    # Prediction slots per row: a packed row of K sequences may need up to
+    # K - 1 more than one sequence (see jaxperf.data.bert.row_predictions).
+    from jaxperf.data import bert as bert_data  # pylint: disable=g-import-not-at-top
+    self.max_predictions = bert_data.row_predictions(
+        int(c.max_predictions_per_seq), self.max_sequences)
     if int(c.max_steps) < 1:
       raise ConfigError(f'max_steps={c.max_steps}: expected >= 1')
     self.mesh = None
@@ -110,11 +117,12 @@ class Bert(Workload):
       return bert_data.synthetic_bert(
           int(c.synthetic_train_samples), int(c.synthetic_eval_samples),
           vocab_size=self.model_cfg.vocab_size, seq_len=self.seq_len,
-          max_predictions=self.max_predictions,
+          max_predictions=int(c.max_predictions_per_seq),
           max_sequences_per_row=self.max_sequences,
           packed=bool(c.packed), seed=seed)
     return bert_data.open_bert(
-        data_dir, seq_len=self.seq_len, max_predictions=self.max_predictions,
+        data_dir, seq_len=self.seq_len,
+        max_predictions=int(c.max_predictions_per_seq),
         max_sequences_per_row=self.max_sequences, packed=bool(c.packed),
         vocab_size=self.model_cfg.vocab_size, seed=seed,
         train_glob=c.train_files, eval_glob=c.eval_files)
@@ -132,6 +140,8 @@ class Bert(Workload):
         next_sentence_positions=jax.ShapeDtypeStruct((b, k), i32),
         next_sentence_labels=jax.ShapeDtypeStruct((b, k), i32),
         next_sentence_weights=jax.ShapeDtypeStruct((b, k), f32))
+    if not train:
+      spec['mask'] = jax.ShapeDtypeStruct((b,), jnp.bool_)
     return spec
 
   def check_mesh(self, mesh) -> None:
