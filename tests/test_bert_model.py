@@ -181,12 +181,13 @@ def test_sharded_step_equals_single_device(single, mesh_spec):
   assert abs(loss - loss1) <= 1e-6 * abs(loss1)
   worst = max(jax.tree.leaves(jax.tree.map(_max_rel, grads, grads1)))
   assert worst < 1e-5, worst
-  # After the LAMB step (lr 0.01; Adam's normalisation amplifies relative
-  # gradient differences where |g| is near epsilon): absolute agreement.
+  # After the LAMB step: agreement to 1e-3 of the learning rate (0.01), the
+  # scale of an update; Adam's normalisation amplifies relative gradient
+  # differences where |g| is near epsilon, so relative errors mean little.
   worst = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), params,
       params1)))
-  assert worst < 5e-6, worst
+  assert worst < 1e-5, worst
 
   # The parameters are split as the mesh asks.
   inter = sh.params['bert']['encoder_layer_0']['intermediate']['kernel'].spec
@@ -316,3 +317,35 @@ def test_packed_batch_gives_the_unpacked_per_sequence_losses():
                                  np.sort(u_mlm[i][w_u]), rtol=2e-5, atol=2e-6)
       np.testing.assert_allclose(p_nsp[r, j], u_nsp[i, 0], rtol=2e-5,
                                  atol=2e-6)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+  """n micro-batches: loss and update from the mean of their losses and
+  gradients; micro-batch i holds rows i, i + n, ... (so each device keeps
+  its own rows), here on a data=2,tensor=4 mesh."""
+  cfg = config_lib.load_config('bert', 'smoke', dict(
+      TINY, gradient_accumulation_steps=2))
+  w = Bert(cfg)
+  mesh = mesh_lib.make_mesh('data=2,tensor=4')
+  w.check_mesh(mesh)
+  w.setup(1000)
+  rng = jax.random.key_data(jax.random.key(0))
+  state = w.init_state(rng)
+  batch = _batch(w, 8, seed=1)
+  batch['masked_lm_weights'][:, 0] = 1.0
+  batch['masked_lm_weights'][1::2, 1:] = 0.0   # micro-batches weigh unlike
+  _, metrics = jax.jit(w.train_step)(state, batch)
+  halves = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+  want = np.mean([float(w.losses(state.params, h, train=True)[0])
+                  for h in halves])
+  assert float(metrics['loss']) == pytest.approx(want, rel=1e-5)
+  whole = float(w.losses(state.params, batch, train=True)[0])
+  assert abs(whole - want) > 2e-4 * want   # the split matters
+
+  cfg = config_lib.load_config('bert', 'smoke', dict(
+      TINY, gradient_accumulation_steps=4))
+  with pytest.raises(ConfigError, match='micro-batch of 2'):
+    Bert(cfg).check_mesh(mesh_lib.make_mesh('data=8'))
+  with pytest.raises(ConfigError, match='gradient_accumulation_steps=3'):
+    Bert(config_lib.load_config('bert', 'smoke', dict(
+        TINY, gradient_accumulation_steps=3)))

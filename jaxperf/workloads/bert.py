@@ -93,6 +93,13 @@ class Bert(Workload):
         int(c.max_predictions_per_seq), self.max_sequences)
     if int(c.max_steps) < 1:
       raise ConfigError(f'max_steps={c.max_steps}: expected >= 1')
+    self.accumulation = int(c.gradient_accumulation_steps)
+    if (self.accumulation < 1
+        or int(c.global_batch_size) % self.accumulation):
+      raise ConfigError(
+          f'gradient_accumulation_steps={c.gradient_accumulation_steps}: '
+          f'expected a positive divisor of global_batch_size='
+          f'{c.global_batch_size}')
     self.mesh = None
     self.model = self._build_model(None)
     self._tx = None
@@ -155,6 +162,13 @@ class Bert(Workload):
     if self.model_cfg.num_heads % tensor:
       raise ConfigError(f'--mesh {mesh_lib.describe(mesh)}: tensor={tensor} '
                         f'does not divide num_heads={self.model_cfg.num_heads}')
+    micro = int(self.config.global_batch_size) // self.accumulation
+    n_data = mesh_lib.data_parallel_size(mesh)
+    if micro % n_data:
+      raise ConfigError(
+          f'--mesh {mesh_lib.describe(mesh)}: a micro-batch of {micro} '
+          f'(global_batch_size / gradient_accumulation_steps) does not split '
+          f'over the {n_data} data-parallel devices')
     self.mesh = mesh
     self.model = self._build_model(mesh)
 
@@ -284,20 +298,48 @@ class Bert(Workload):
     return out['loss'], out
 
   def train_step(self, state, batch):
+    """One LAMB step. With gradient_accumulation_steps = n > 1 the batch is
+    split into n micro-batches whose losses and gradients are averaged (the
+    reference's steps_per_update), so a global batch larger than the devices
+    hold still takes one optimizer step."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     has_dropout = (self.model_cfg.hidden_dropout > 0
                    or self.model_cfg.attention_dropout > 0)
+    n_acc = self.accumulation
 
-    def loss_fn(params):
-      return self.losses(params, batch, train=True,
-                         rng=rng if has_dropout else None)
+    def grads_of(params, micro, key):
+      def loss_fn(p):
+        return self.losses(p, micro, train=True,
+                           rng=key if has_dropout else None)
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    if n_acc == 1:
+      (loss, aux), grads = grads_of(state.params, batch, rng)
+      mlm_loss, nsp_loss = aux['mlm_loss'], aux['nsp_loss']
+    else:
+      # [B, ...] -> [B/n, n, ...] keeps each device's rows on it; the scan
+      # runs over the second axis.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(
+              x.reshape((x.shape[0] // n_acc, n_acc) + x.shape[1:]), 0, 1),
+          dict(batch))
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_l, acc_m, acc_n = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
+                acc_m + a['mlm_loss'], acc_n + a['nsp_loss']), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, mlm_loss, nsp_loss), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(n_acc), micro))
+      grads = jax.tree.map(lambda g: g / n_acc, grads)
+      loss, mlm_loss, nsp_loss = (loss / n_acc, mlm_loss / n_acc,
+                                  nsp_loss / n_acc)
     updates, opt_state = self._tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'mlm_loss': aux['mlm_loss'],
-               'nsp_loss': aux['nsp_loss'],
+    metrics = {'loss': loss, 'mlm_loss': mlm_loss, 'nsp_loss': nsp_loss,
                'learning_rate': self._lr(state.step),
                'grad_norm': jnp.sqrt(sum(jnp.sum(jnp.square(g))
                                          for g in jax.tree.leaves(grads)))}
@@ -374,7 +416,7 @@ class Bert(Workload):
     eps = float(c.lamb_epsilon)
     return {
         'global_batch_size': int(c.global_batch_size),
-        'gradient_accumulation_steps': 1,
+        'gradient_accumulation_steps': self.accumulation,
         'opt_name': 'lamb',
         'opt_base_learning_rate': float(c.base_learning_rate),
         'opt_learning_rate_training_steps': int(c.max_steps),
