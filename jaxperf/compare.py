@@ -1,4 +1,4 @@
-"""python -m jaxperf.compare: JAX vs the PyTorch references (resnet50, unet3d).
+"""python -m jaxperf.compare: JAX vs PyTorch (resnet50, unet3d, bert).
 
 Builds the PyTorch reference model, copies its weights into the jaxperf model
 (jaxperf.interop), runs both on the same batch in float32 and reports:
@@ -30,6 +30,21 @@ momentum 0.9, the reference's optimizer. `--filters` narrows the network
 few 1e-3 (norm_rel, median; ~1e-2 for the worst tensor, an instance-norm
 bias): the reference's own float32 gradients are as far from its float64
 ones. In float64 outputs agree to ~1e-14 and gradients to ~1e-12 or better.
+
+--model bert compares models/bert.py with HF transformers'
+BertForPreTraining (hidden_act='gelu_new', the reference's tanh GELU), with
+dropout off in both, on a random batch of `--batch` rows of `--seq-len`
+tokens whose odd rows are padded (see bert_batch): MLM logits at every real
+token, NSP logits, the reference's pretraining loss (masked-LM
+cross-entropy weighted by masked_lm_weights plus mean NSP cross-entropy)
+and every parameter's gradient; the timed step is AdamW in both. Defaults:
+full BERT-large (--layers 24, --hidden-size 1024, --num-heads 16,
+--intermediate-size 4096, --vocab-size 30522), batch 2, --seq-len 128, which
+a small CPU runs in about three minutes. HF transformers is an optional
+dependency too. In float32 the logits agree to ~2e-6 (max_rel) and the
+gradients to ~1e-5 or better (norm_rel); see BertPair and
+tests/test_parity_bert.py. bert compares in f32 only: the model computes its
+logits in float32 whatever its dtype.
 
 Errors: max_abs = max |jax - torch|; max_rel = max_abs / max |torch|;
 norm_rel = ||jax - torch|| / ||torch||.
@@ -326,21 +341,34 @@ def torch_dice_ce_loss(logits, labels, *, num_classes: int = 3,
   return (torch.mean(1.0 - dice) + cross_entropy) / 2
 
 
-def _grad_errors(j_grads: Any, t_grads: Any) -> dict[str, Any]:
-  """Per-parameter errors of two gradient trees of the same structure."""
+def _grad_errors(j_grads: Any, t_grads: Any,
+                 zero: Callable[[str], bool] | None = None) -> dict[str, Any]:
+  """Per-parameter errors of two gradient trees of the same structure.
+
+  Parameters for which `zero(name)` holds have a zero gradient in exact
+  arithmetic, so both frameworks return rounding noise there and a relative
+  error means nothing: they are listed (per_param, zero_grad_max_abs) but
+  left out of the worst and median.
+  """
   want = {'/'.join(k.key for k in path): g for path, g in
           jax.tree_util.tree_flatten_with_path(t_grads)[0]}
   per_param = {}
   for path, g in jax.tree_util.tree_flatten_with_path(j_grads)[0]:
     name = '/'.join(k.key for k in path)
     per_param[name] = errors(np.asarray(g), want[name])
-  worst = max(per_param, key=lambda k: per_param[k]['norm_rel'])
-  rels = sorted(e['norm_rel'] for e in per_param.values())
-  return {'worst_norm_rel': per_param[worst]['norm_rel'],
-          'worst_param': worst,
-          'median_norm_rel': rels[len(rels) // 2],
-          'max_abs': max(e['max_abs'] for e in per_param.values()),
-          'per_param': per_param}
+  zeros = [k for k in per_param if zero is not None and zero(k)]
+  ranked = [k for k in per_param if k not in zeros]
+  worst = max(ranked, key=lambda k: per_param[k]['norm_rel'])
+  rels = sorted(per_param[k]['norm_rel'] for k in ranked)
+  out = {'worst_norm_rel': per_param[worst]['norm_rel'],
+         'worst_param': worst,
+         'median_norm_rel': rels[len(rels) // 2],
+         'max_abs': max(e['max_abs'] for e in per_param.values()),
+         'per_param': per_param}
+  if zeros:
+    out['zero_grad_params'] = zeros
+    out['zero_grad_max_abs'] = max(per_param[k]['max_abs'] for k in zeros)
+  return out
 
 
 class Unet3DPair:
@@ -489,41 +517,364 @@ class Unet3DPair:
             'speed_ratio_jax_over_torch': tt / jt}
 
 
-PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair}
-# Command-line defaults per model: batch, image size, classes.
+# ---------------------------------------------------------------- bert
+
+# BERT masks 15% of the tokens; max_predictions_per_seq is 76 at 512 tokens
+# (MLPerf) and 20 at 128 (the original BERT's phase 1).
+_BERT_MASKED_FRACTION = 0.15
+_BERT_MAX_PREDICTIONS = {128: 20, 512: 76}
+
+
+def _transformers():
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f'--model bert compares with HF transformers ({e}); '
+                    f"install it with: pip install -e '.[compare]'") from None
+  return transformers
+
+
+def bert_batch(*, batch: int, seq_len: int, vocab_size: int,
+               max_predictions: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A random unpacked pretraining batch, padded the way BERT pads.
+
+  Even rows fill all `seq_len` tokens, odd rows 5/8 of them (the rest is
+  padding: input mask 0). Token ids are 1.. for real tokens and 0 ([PAD])
+  for padding. Segment ids mark two sentences. Each row masks
+  round(0.15 * its length) tokens (at most `max_predictions`, at least 1)
+  other than [CLS]; the remaining prediction slots are position 0 with
+  weight 0, as the reference's data has them. Keys: the model's inputs
+  (input_ids, segment_ids, sequence_ids = input mask, position_ids,
+  masked_lm_positions, next_sentence_positions = 0) and the labels
+  (masked_lm_ids, masked_lm_weights, next_sentence_labels,
+  next_sentence_weights).
+  """
+  rng = np.random.default_rng(seed)
+  b, s, p = batch, seq_len, max_predictions
+  lengths = np.where(np.arange(b) % 2 == 0, s, max(2, (5 * s) // 8))
+  pos = np.arange(s)
+  mask = (pos[None, :] < lengths[:, None]).astype(np.int32)
+  segment = ((pos[None, :] >= (lengths[:, None] + 1) // 2) & (mask > 0))
+  positions = np.zeros((b, p), np.int32)
+  weights = np.zeros((b, p), np.float32)
+  for i, n_tok in enumerate(lengths):
+    n = int(min(p, n_tok - 1, max(1, round(_BERT_MASKED_FRACTION * n_tok))))
+    positions[i, :n] = np.sort(rng.choice(np.arange(1, n_tok), n,
+                                          replace=False))
+    weights[i, :n] = 1.0
+  return {
+      # Token 0 is [PAD], only where the mask is 0: HF's word embedding has
+      # padding_idx 0 and drops its gradient, the reference's does not.
+      'input_ids': (rng.integers(1, vocab_size, (b, s)) * mask
+                    ).astype(np.int32),
+      'segment_ids': segment.astype(np.int32),
+      'sequence_ids': mask,
+      'position_ids': np.broadcast_to(pos, (b, s)).astype(np.int32).copy(),
+      'masked_lm_positions': positions,
+      'next_sentence_positions': np.zeros((b, 1), np.int32),
+      'masked_lm_ids': (rng.integers(1, vocab_size, (b, p)) * (weights > 0)
+                        ).astype(np.int32),
+      'masked_lm_weights': weights,
+      'next_sentence_labels': rng.integers(0, 2, (b, 1)).astype(np.int32),
+      'next_sentence_weights': np.ones((b, 1), np.float32),
+  }
+
+
+def torch_pretraining_loss(mlm_logits, nsp_logits, masked_lm_ids,
+                           masked_lm_weights, next_sentence_labels):
+  """The MLPerf reference's pretraining loss, in torch.
+
+  As run_pretraining.py computes it: the masked-LM cross-entropy summed over
+  the predictions with their weights, divided by (sum of weights + 1e-5),
+  plus the mean next-sentence cross-entropy. mlm_logits [B, P, V],
+  nsp_logits [B, 2] or [B, 1, 2].
+  """
+  torch = _torch_only()
+  f = torch.nn.functional
+  logp = f.log_softmax(mlm_logits, dim=-1)
+  nll = -torch.gather(logp, -1, masked_lm_ids.long()[..., None])[..., 0]
+  w = masked_lm_weights.to(logp.dtype)
+  mlm = torch.sum(nll * w) / (torch.sum(w) + 1e-5)
+  nsp = f.cross_entropy(nsp_logits.reshape(-1, 2),
+                        next_sentence_labels.reshape(-1).long())
+  return mlm + nsp
+
+
+class BertPair:
+  """HF transformers' BertForPreTraining and models/bert.py, same weights.
+
+  HF's BertConfig(hidden_act='gelu_new') is the reference's tanh GELU;
+  both run with dropout off (HF in eval mode, JAX deterministic). The JAX
+  model sees the batch in its unpacked form (bert_batch). Compared: the
+  MLM logits at every real (unpadded) token (HF's prediction_logits; the
+  JAX head run at all positions), the NSP logits, the pretraining loss
+  (jaxperf.workloads.bert.pretraining_losses against
+  torch_pretraining_loss) and the gradient of every parameter. For the loss,
+  the gradients and the timed step the HF side runs its heads (the same
+  modules: cls.predictions, cls.seq_relationship) on the masked positions
+  only, as the reference and the JAX model do. The timed step is AdamW in
+  both (optax.adamw, torch.optim.AdamW); the reference's LAMB is not in
+  PyTorch, and the update is the same elementwise work either way.
+  """
+
+  name = 'bert'
+
+  def __init__(self, *, batch: int, seq_len: int = 128, num_layers: int = 24,
+               hidden_size: int = 1024, num_heads: int = 16,
+               intermediate_size: int = 4096, vocab_size: int = 30522,
+               max_predictions: int | None = None, seed: int = 0,
+               precision: str = 'f32'):
+    torch = _torch_only()
+    transformers = _transformers()
+    from jaxperf.models import bert  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    if min(batch, num_layers, hidden_size, num_heads, intermediate_size,
+           vocab_size) < 1:
+      raise UserError('--batch, --layers, --hidden-size, --num-heads, '
+                      '--intermediate-size and --vocab-size must be >= 1')
+    if hidden_size % num_heads:
+      raise UserError(f'--hidden-size {hidden_size} is not a multiple of '
+                      f'--num-heads {num_heads}')
+    max_position = bert.LARGE.max_position
+    if not 2 <= seq_len <= max_position:
+      raise UserError(f'--seq-len {seq_len}: expected 2..{max_position} '
+                      f'(BERT has {max_position} positions)')
+    if max_predictions is None:
+      max_predictions = _BERT_MAX_PREDICTIONS.get(
+          seq_len, max(1, round(_BERT_MASKED_FRACTION * seq_len)))
+    if not 1 <= max_predictions <= seq_len:
+      raise UserError(f'--max-predictions {max_predictions}: expected '
+                      f'1..{seq_len}')
+    if precision != 'f32':
+      raise UserError(
+          f'--precision {precision}: bert compares in f32 only; '
+          f'models/bert.py computes its MLM and NSP logits in float32 by '
+          f'design (preferred_element_type), so a float64 run would still '
+          f'round there (~5e-8) and show nothing more')
+    dtype = np.float32
+    self.cfg = bert.BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+        num_heads=num_heads, intermediate_size=intermediate_size,
+        max_position=max_position)
+    hf_cfg = transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, hidden_act='gelu_new',
+        max_position_embeddings=max_position,
+        type_vocab_size=self.cfg.type_vocab_size,
+        layer_norm_eps=self.cfg.layer_norm_eps,
+        initializer_range=self.cfg.initializer_range)
+    torch.manual_seed(seed)
+    self.tmodel = transformers.BertForPreTraining(hf_cfg).eval()
+    self.jmodel = bert.BertForPreTraining(self.cfg, dtype=dtype)
+    self.variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype),
+        interop.from_torch(self.name, self.tmodel.state_dict(),
+                           num_heads=num_heads))
+    self.batch = bert_batch(batch=batch, seq_len=seq_len,
+                            vocab_size=vocab_size,
+                            max_predictions=max_predictions, seed=seed)
+    self.tbatch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == 'i'
+                                       else v.astype(dtype))
+                   for k, v in self.batch.items()}
+    self.settings = {
+        'seq_len': seq_len, 'num_layers': num_layers,
+        'hidden_size': hidden_size, 'num_heads': num_heads,
+        'intermediate_size': intermediate_size, 'vocab_size': vocab_size,
+        'max_predictions': max_predictions,
+        'padded_rows': int(np.sum(self.batch['sequence_ids'].min(axis=1) == 0)),
+        'masked_predictions': int(self.batch['masked_lm_weights'].sum()),
+        'num_params': int(sum(p.numel() for p in self.tmodel.parameters())),
+        'transformers': transformers.__version__,
+        'hf_attention': getattr(self.tmodel.config, '_attn_implementation',
+                                None)}
+
+  # --- the JAX side ---
+  def _inputs(self, masked_lm_positions=None):
+    b = self.batch
+    return tuple(jnp.asarray(b[k]) for k in (
+        'input_ids', 'segment_ids', 'sequence_ids', 'position_ids')) + (
+            jnp.asarray(b['masked_lm_positions'] if masked_lm_positions is None
+                        else masked_lm_positions),
+            jnp.asarray(b['next_sentence_positions']))
+
+  def jax_loss(self, params, inputs, labels):
+    from jaxperf.workloads.bert import pretraining_losses  # pylint: disable=g-import-not-at-top
+    mlm, nsp = self.jmodel.apply({'params': params}, *inputs,
+                                 deterministic=True)
+    return pretraining_losses(mlm, nsp, labels)['loss'], (mlm, nsp)
+
+  def _labels(self):
+    return {k: jnp.asarray(self.batch[k]) for k in (
+        'masked_lm_ids', 'masked_lm_weights', 'next_sentence_labels',
+        'next_sentence_weights')}
+
+  # --- the PyTorch side ---
+  def torch_heads(self, model):
+    """(MLM logits at the masked positions [B, P, V], NSP logits [B, 2])."""
+    torch, t = self.torch, self.tbatch
+    seq, pooled = model.bert(input_ids=t['input_ids'],
+                             attention_mask=t['sequence_ids'],
+                             token_type_ids=t['segment_ids'],
+                             position_ids=t['position_ids'])[:2]
+    index = t['masked_lm_positions'][..., None].expand(-1, -1, seq.shape[-1])
+    mlm = model.cls.predictions(torch.gather(seq, 1, index))
+    return mlm, model.cls.seq_relationship(pooled)
+
+  def torch_loss(self, model):
+    mlm, nsp = self.torch_heads(model)
+    t = self.tbatch
+    return torch_pretraining_loss(mlm, nsp, t['masked_lm_ids'],
+                                  t['masked_lm_weights'],
+                                  t['next_sentence_labels'])
+
+  def parity(self) -> dict[str, Any]:
+    torch, t = self.torch, self.tbatch
+    params = self.variables['params']
+    s = self.batch['input_ids'].shape[1]
+    all_positions = np.broadcast_to(np.arange(s, dtype=np.int32),
+                                    self.batch['input_ids'].shape)
+    j_mlm, j_nsp = jax.jit(self.jmodel.apply)(
+        {'params': params}, *self._inputs(all_positions))
+    with torch.no_grad():
+      out = self.tmodel(input_ids=t['input_ids'],
+                        attention_mask=t['sequence_ids'],
+                        token_type_ids=t['segment_ids'],
+                        position_ids=t['position_ids'])
+    real = self.batch['sequence_ids'].astype(bool)
+    t_mlm = out.prediction_logits.numpy()
+    padded = [i for i in range(real.shape[0]) if not real[i].all()]
+    (j_loss, _), j_grads = jax.jit(jax.value_and_grad(
+        self.jax_loss, has_aux=True))(params, self._inputs(), self._labels())
+    tm = copy.deepcopy(self.tmodel).eval()
+    t_loss = self.torch_loss(tm)
+    t_loss.backward()
+    t_grads = interop.from_torch(
+        self.name, {k: v.grad for k, v in tm.named_parameters()},
+        num_heads=self.cfg.num_heads)['params']
+    result = {
+        'mlm_logits': errors(np.asarray(j_mlm)[real], t_mlm[real]),
+        'nsp_logits': errors(np.asarray(j_nsp)[:, 0],
+                             out.seq_relationship_logits.numpy()),
+        'loss': {'jax': float(j_loss), 'torch': float(t_loss.detach()),
+                 **errors(np.asarray(j_loss), t_loss.detach().numpy())},
+        # Softmax ignores a shift shared by all keys, and q . b_k is one:
+        # the key biases' gradient is zero in exact arithmetic.
+        'grads': _grad_errors(j_grads, t_grads,
+                              zero=lambda k: k.endswith('attention/key/bias')),
+        'outputs_note': 'dropout off (HF eval mode, JAX deterministic); MLM '
+                        'logits at every real token, padding excluded',
+    }
+    if padded:
+      i = padded[0]
+      result['mlm_logits_padded_row'] = errors(np.asarray(j_mlm)[i][real[i]],
+                                               t_mlm[i][real[i]])
+    return result
+
+  def timing(self, warmup: int, repeats: int, lr: float = 1e-4
+             ) -> dict[str, Any]:
+    torch = self.torch
+    tx = optax.adamw(lr, weight_decay=0.01)
+
+    def step(state, inputs, labels):
+      params, opt_state = state
+      (loss, _), grads = jax.value_and_grad(self.jax_loss, has_aux=True)(
+          params, inputs, labels)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    inputs, labels = self._inputs(), self._labels()
+    params = self.variables['params']
+    state = (params, tx.init(params))
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, inputs, labels
+                                                     ).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [jax.tree.map(jnp.copy, state)]
+
+    def jax_step():
+      holder[0], loss = compiled(holder[0], inputs, labels)
+      jax.block_until_ready(loss)
+    j_times = _timed(jax_step, warmup, repeats)
+    del holder, state
+
+    tm = copy.deepcopy(self.tmodel).eval()    # eval: dropout off, as in JAX
+    opt = torch.optim.AdamW(tm.parameters(), lr=lr, weight_decay=0.01)
+
+    def torch_step():
+      opt.zero_grad(set_to_none=True)
+      self.torch_loss(tm).backward()
+      opt.step()
+    t_times = _timed(torch_step, warmup, repeats)
+    jt, tt = statistics.median(j_times), statistics.median(t_times)
+    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                    'step_times_s': j_times},
+            'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                      'threads': torch.get_num_threads()},
+            'speed_ratio_jax_over_torch': tt / jt}
+
+
+PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair, 'bert': BertPair}
+# Command-line defaults per image model: batch, image size, classes.
 _DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3)}
+# bert's: batch, sequence length.
+_BERT_DEFAULTS = (2, 128)
+# The options of BertPair that the command line sets.
+_BERT_OPTIONS = ('seq_len', 'num_layers', 'hidden_size', 'num_heads',
+                 'intermediate_size', 'vocab_size', 'max_predictions')
 
 
-def compare(model: str, *, batch: int, image_size: int | Sequence[int],
-            num_classes: int, seed: int = 0, warmup: int = 2,
+def compare(model: str, *, batch: int,
+            image_size: int | Sequence[int] | None = None,
+            num_classes: int | None = None, seed: int = 0, warmup: int = 2,
             repeats: int = 5, channels_last: bool = True, timing: bool = True,
             precision: str = 'f32', wgrad: str = 'auto',
             **model_options: Any) -> dict[str, Any]:
   """Parity (and timing) of one model; `model_options` go to its pair.
 
   unet3d's options: filters, activation, upsample (see Unet3DPair);
-  `image_size` may be (D, H, W) for it.
+  `image_size` may be (D, H, W) for it. bert takes no image_size,
+  num_classes, channels_last or wgrad; its options are BertPair's
+  (seq_len, num_layers, hidden_size, num_heads, intermediate_size,
+  vocab_size, max_predictions).
   """
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
                     f'available: {", ".join(PAIRS)}')
-  pair = PAIRS[model](batch=batch, image_size=image_size,
-                      num_classes=num_classes, seed=seed,
-                      channels_last=channels_last, precision=precision,
-                      wgrad=wgrad, **model_options)
-  if not isinstance(image_size, int):
-    image_size = list(image_size)
-  out = {'model': model, 'batch': batch, 'image_size': image_size,
-         'num_classes': num_classes, 'precision': precision,
-         'jax_conv_wgrad': pair.wgrad, **getattr(pair, 'settings', {}),
-         'machine': machine(), **pair.parity()}
+  if model == 'bert':
+    pair = BertPair(batch=batch, seed=seed, precision=precision,
+                    **model_options)
+    out = {'model': model, 'batch': batch, 'precision': precision,
+           **pair.settings, 'machine': machine(), **pair.parity()}
+  else:
+    if image_size is None or num_classes is None:
+      raise UserError(f'{model}: image_size and num_classes are required')
+    pair = PAIRS[model](batch=batch, image_size=image_size,
+                        num_classes=num_classes, seed=seed,
+                        channels_last=channels_last, precision=precision,
+                        wgrad=wgrad, **model_options)
+    if not isinstance(image_size, int):
+      image_size = list(image_size)
+    out = {'model': model, 'batch': batch, 'image_size': image_size,
+           'num_classes': num_classes, 'precision': precision,
+           'jax_conv_wgrad': pair.wgrad, **getattr(pair, 'settings', {}),
+           'machine': machine(), **pair.parity()}
   if timing:
     out.update(pair.timing(warmup, repeats))
   return out
 
 
 def _summary(r: dict[str, Any]) -> str:
-  if 'volume' in r:
+  if r['model'] == 'bert':
+    lines = [f'{r["model"]}: batch {r["batch"]} ({r["padded_rows"]} padded) '
+             f'of {r["seq_len"]} tokens, {r["num_layers"]} layers, hidden '
+             f'{r["hidden_size"]}, {r["num_heads"]} heads, ffn '
+             f'{r["intermediate_size"]}, vocab {r["vocab_size"]} '
+             f'({r["num_params"]:,} parameters), {r["masked_predictions"]} '
+             f'masked predictions, {r["precision"]}, HF transformers '
+             f'{r["transformers"]} ({r["hf_attention"]} attention), '
+             f'{r["machine"]["devices"]}']
+  elif 'volume' in r:
     lines = [f'{r["model"]}: batch {r["batch"]} of '
              f'{"x".join(map(str, r["volume"]))} voxels, filters '
              f'{",".join(map(str, r["filters"]))} ({r["num_params"]:,} '
@@ -534,19 +885,27 @@ def _summary(r: dict[str, Any]) -> str:
     lines = [f'{r["model"]}: batch {r["batch"]} at {r["image_size"]}px, '
              f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
              f'{r["machine"]["devices"]}']
-  for key in ('outputs_eval', 'outputs_train', 'outputs', 'loss'):
-    if key not in r:
-      continue
+  keys = [k for k in ('outputs_eval', 'outputs_train', 'outputs',
+                      'mlm_logits', 'mlm_logits_padded_row', 'nsp_logits',
+                      'loss') if k in r]
+  width = max([14] + [len(k) for k in keys])
+  for key in keys:
     e = r[key]
-    lines.append(f'  {key:<14} max_abs {e["max_abs"]:.3e}  max_rel '
+    lines.append(f'  {key:<{width}} max_abs {e["max_abs"]:.3e}  max_rel '
                  f'{e["max_rel"]:.3e}  norm_rel {e["norm_rel"]:.3e}')
   if 'outputs_note' in r:
     lines.append(f'  ({r["outputs_note"]})')
   g = r['grads']
-  lines.append(f'  grads          worst norm_rel {g["worst_norm_rel"]:.3e} '
-               f'({g["worst_param"]}), median {g["median_norm_rel"]:.3e}')
+  lines.append(f'  {"grads":<{width}} worst norm_rel '
+               f'{g["worst_norm_rel"]:.3e} ({g["worst_param"]}), median '
+               f'{g["median_norm_rel"]:.3e}')
+  if 'zero_grad_params' in g:
+    lines.append(f'  {"":<{width}} zero in exact arithmetic: '
+                 f'{len(g["zero_grad_params"])} tensors (attention key '
+                 f'biases) left out, max_abs {g["zero_grad_max_abs"]:.1e}')
   if 'jax' in r:
-    lines.append(f'  step time      jax {r["jax"]["step_time_s"] * 1e3:.1f} ms '
+    lines.append(f'  {"step time":<{width}} jax '
+                 f'{r["jax"]["step_time_s"] * 1e3:.1f} ms '
                  f'(compile {r["jax"]["compile_s"]:.1f} s)  torch '
                  f'{r["torch"]["step_time_s"] * 1e3:.1f} ms  -> JAX speed / '
                  f'PyTorch speed = {r["speed_ratio_jax_over_torch"]:.2f}')
@@ -566,7 +925,10 @@ def main(argv: list[str] | None = None) -> int:
                               description=__doc__.split('\n')[0])
   p.add_argument('--model', required=True, help=', '.join(PAIRS))
   p.add_argument('--batch', type=int, default=None,
-                 help='default: 16 for resnet50, 1 for unet3d')
+                 help='default: 16 for resnet50, 1 for unet3d, '
+                      f'{_BERT_DEFAULTS[0]} for bert (full BERT-large at '
+                      f'--seq-len {_BERT_DEFAULTS[1]}: a few seconds a step on '
+                      f'a small CPU)')
   p.add_argument('--image-size', default=None,
                  help='image side (default 128) for resnet50; for unet3d a '
                       'cube side or D,H,W, multiples of 32 (default 64, the '
@@ -583,6 +945,22 @@ def main(argv: list[str] | None = None) -> int:
                  default=None,
                  help='unet3d: how the JAX model computes the transposed '
                       'convolution (default projection)')
+  p.add_argument('--seq-len', type=int, default=None,
+                 help=f'bert: tokens per row (default {_BERT_DEFAULTS[1]}; '
+                      f'MLPerf trains on 512)')
+  p.add_argument('--layers', type=int, default=None,
+                 help='bert: encoder layers (default 24, BERT-large)')
+  p.add_argument('--hidden-size', type=int, default=None,
+                 help='bert: hidden width (default 1024)')
+  p.add_argument('--num-heads', type=int, default=None,
+                 help='bert: attention heads (default 16)')
+  p.add_argument('--intermediate-size', type=int, default=None,
+                 help='bert: feed-forward width (default 4096)')
+  p.add_argument('--vocab-size', type=int, default=None,
+                 help='bert: vocabulary (default 30522)')
+  p.add_argument('--max-predictions', type=int, default=None,
+                 help='bert: masked-LM slots per row (default 20 for '
+                      '--seq-len 128, 76 for 512 as MLPerf, else 15%%)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--repeats', type=int, default=5)
@@ -598,9 +976,20 @@ def main(argv: list[str] | None = None) -> int:
                  help='run PyTorch in NCHW (NCDHW) instead of channels-last')
   p.add_argument('--json', default=None, help='write all results here')
   args = p.parse_args(argv)
-  if args.precision == 'f64':
+  if args.precision == 'f64' and args.model != 'bert':   # bert: f32 only
     jax.config.update('jax_enable_x64', True)
+  bert_flags = {'seq_len': args.seq_len, 'num_layers': args.layers,
+                'hidden_size': args.hidden_size, 'num_heads': args.num_heads,
+                'intermediate_size': args.intermediate_size,
+                'vocab_size': args.vocab_size,
+                'max_predictions': args.max_predictions}
   try:
+    if args.model == 'bert':
+      return _main_bert(args, bert_flags)
+    given = [f'--{k.replace("_", "-")}'.replace('num-layers', 'layers')
+             for k, v in bert_flags.items() if v is not None]
+    if given:
+      raise UserError(f'{", ".join(given)}: only for --model bert')
     batch, image_size, num_classes = _DEFAULTS.get(args.model,
                                                    _DEFAULTS['resnet50'])
     batch = batch if args.batch is None else args.batch
@@ -639,12 +1028,44 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  return _report(result, args.json)
+
+
+def _report(result: dict[str, Any], json_path: str | None) -> int:
   print(_summary(result))
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
+  if json_path:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, 'w') as f:
       json.dump(result, f, indent=1)
   return 0
+
+
+def _main_bert(args: argparse.Namespace, flags: dict[str, int | None]
+               ) -> int:
+  """--model bert: HF BertForPreTraining against models/bert.py."""
+  try:
+    given = [f for f, bad in (
+        ('--image-size', args.image_size is not None),
+        ('--num-classes', args.num_classes is not None),
+        ('--filters', args.filters is not None),
+        ('--activation', args.activation is not None),
+        ('--upsample', args.upsample is not None),
+        ('--wgrad', args.wgrad != 'auto'),
+        ('--torch-contiguous', args.torch_contiguous)) if bad]
+    if given:
+      raise UserError(f'{", ".join(given)}: not for --model bert (its sizes '
+                      f'are --seq-len, --layers, --hidden-size, --num-heads, '
+                      f'--intermediate-size, --vocab-size)')
+    batch = _BERT_DEFAULTS[0] if args.batch is None else args.batch
+    options = {k: v for k, v in flags.items() if v is not None}
+    options.setdefault('seq_len', _BERT_DEFAULTS[1])
+    result = compare('bert', batch=batch, seed=args.seed, warmup=args.warmup,
+                     repeats=args.repeats, timing=not args.no_timing,
+                     precision=args.precision, **options)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return _report(result, args.json)
 
 
 if __name__ == '__main__':

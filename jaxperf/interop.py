@@ -1,27 +1,41 @@
-"""Weights between jaxperf's Flax variables and PyTorch reference state_dicts.
+"""Weights between jaxperf's Flax variables and reference checkpoints.
 
     variables = from_torch('resnet50', torchvision_model.state_dict())
     state_dict = to_torch('resnet50', variables)
+    variables = from_tf_checkpoint('bert', 'phase1/model.ckpt-28252')
 
-Models: 'resnet50' (torchvision's ResNet-50 <-> models/resnet.py) and
+Models: 'resnet50' (torchvision's ResNet-50 <-> models/resnet.py),
 'unet3d' (the MLPerf reference 3D U-Net, jaxperf.torch_models.unet3d <->
-models/unet3d.py, any `filters` widths: see unet3d_tensors).
+models/unet3d.py, any `filters` widths: see unet3d_tensors) and 'bert' (HF
+transformers' BertForPreTraining, or the MLPerf reference's TF1 checkpoint,
+<-> models/bert.py, any size: see bert_tensors).
 
 `variables` is the Flax dict {'params': ..., 'batch_stats': ...} ({'params':
-...} alone for unet3d, whose instance norms keep no statistics). Every tensor
-is accounted for: a missing, unexpected or misshapen tensor is an error that
-names it, never a partial load. from_torch accepts torch tensors or numpy
-arrays; to_torch returns torch tensors (torch is imported only there).
+...} alone for unet3d, whose instance norms keep no statistics, and for
+bert). Every tensor is accounted for: a missing, unexpected or misshapen
+tensor is an error that names it, never a partial load. from_torch accepts
+torch tensors or numpy arrays; to_torch returns torch tensors (torch is
+imported only there).
 
 Layouts: Flax convolution kernels are HWIO and PyTorch's OIHW (3D: DHWIO and
 OIDHW); PyTorch's transposed 3D convolution weight is (in, out, D, H, W), its
 Flax kernel DHWIO; Flax dense kernels are (in, out) and PyTorch's (out, in).
+BERT's attention projections are Flax DenseGeneral kernels (hidden, heads,
+head_dim) and (heads, head_dim, hidden), PyTorch (heads * head_dim, hidden)
+and (hidden, heads * head_dim); TF1 dense kernels are (in, out).
+
+TF1 checkpoints (the tensor bundle of a .index and .data-?????-of-?????
+files) are read with numpy alone (read_tf_checkpoint); TensorFlow is needed
+only for what that reader does not handle (compressed index blocks,
+partitioned variables), and then only if installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +44,7 @@ from jaxperf.errors import UserError
 
 
 class InteropError(UserError):
-  """A state_dict or variables tree does not match the model."""
+  """A state_dict, checkpoint or variables tree does not match the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +52,17 @@ class _Tensor:
   """One reference tensor: where it lives in the Flax tree and its layout."""
   torch_name: str
   flax_path: tuple[str, ...]      # ('params', 'conv0', 'kernel')
-  kind: str                       # conv | conv3d | deconv3d | dense | vector
+  # conv | conv3d | deconv3d | dense | vector | embed | heads_in | heads_bias
+  # | heads_out
+  kind: str
   # The PyTorch shape the model implies, where the mapping knows it.
   shape: tuple[int, ...] | None = None
+  # The name in a TF1 checkpoint, for models that have one, and whether the
+  # TF tensor is the transpose of the PyTorch one (dense kernels: in, out).
+  tf_name: str | None = None
+  tf_transpose: bool = False
+  # Attention heads, for the heads_* kinds (from the PyTorch layout).
+  num_heads: int | None = None
 
 
 # PyTorch layout -> Flax layout, and back, per kind.
@@ -52,15 +74,51 @@ _TO_TORCH = {'conv': (3, 2, 0, 1),
              'conv3d': (4, 3, 0, 1, 2),
              'deconv3d': (3, 4, 0, 1, 2),
              'dense': (1, 0)}
-_RANK = {'conv': 4, 'conv3d': 5, 'deconv3d': 5, 'dense': 2, 'vector': 1}
+# PyTorch ranks. heads_in: (heads * head_dim, hidden) <-> Flax (hidden,
+# heads, head_dim); heads_out: (hidden, heads * head_dim) <-> (heads,
+# head_dim, hidden); heads_bias: (heads * head_dim,) <-> (heads, head_dim).
+_RANK = {'conv': 4, 'conv3d': 5, 'deconv3d': 5, 'dense': 2, 'vector': 1,
+         'embed': 2, 'heads_in': 2, 'heads_bias': 1, 'heads_out': 2}
 
 
-def _to_flax(kind: str, a: np.ndarray) -> np.ndarray:
-  return np.transpose(a, _TO_FLAX[kind]) if kind in _TO_FLAX else a
+def _to_flax(t: _Tensor, a: np.ndarray) -> np.ndarray:
+  """PyTorch layout -> Flax layout (shapes already checked against t)."""
+  if t.kind in _TO_FLAX:
+    return np.transpose(a, _TO_FLAX[t.kind])
+  if t.kind == 'heads_in':
+    return a.T.reshape(a.shape[1], t.num_heads, -1)
+  if t.kind == 'heads_out':
+    return a.T.reshape(t.num_heads, -1, a.shape[0])
+  if t.kind == 'heads_bias':
+    return a.reshape(t.num_heads, -1)
+  return a
 
 
-def _to_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
-  return np.transpose(a, _TO_TORCH[kind]) if kind in _TO_TORCH else a
+def _to_torch_layout(t: _Tensor, a: np.ndarray) -> np.ndarray:
+  """Flax layout -> PyTorch layout."""
+  if t.kind in _TO_TORCH:
+    return np.transpose(a, _TO_TORCH[t.kind])
+  if t.kind == 'heads_in':
+    return a.reshape(a.shape[0], -1).T
+  if t.kind == 'heads_out':
+    return a.reshape(-1, a.shape[-1]).T
+  if t.kind == 'heads_bias':
+    return a.reshape(-1)
+  return a
+
+
+def _torch_shape(t: _Tensor, flax_shape: Sequence[int]) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax shape (as is where the rank is off)."""
+  s = tuple(int(v) for v in flax_shape)
+  if t.kind in _TO_TORCH and len(s) == len(_TO_TORCH[t.kind]):
+    return tuple(s[i] for i in _TO_TORCH[t.kind])
+  if t.kind == 'heads_in' and len(s) == 3:
+    return (s[1] * s[2], s[0])
+  if t.kind == 'heads_out' and len(s) == 3:
+    return (s[2], s[0] * s[1])
+  if t.kind == 'heads_bias' and len(s) == 2:
+    return (s[0] * s[1],)
+  return s
 
 
 # ------------------------------------------------------------------ resnet50
@@ -184,26 +242,571 @@ def unet3d_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
           'n_class': dim('output.conv.0.weight', 0)}
 
 
+# ------------------------------------------------------------------ bert
+
+BERT_LARGE_NUM_HEADS = 16
+
+# The names of BERT's encoder layers in PyTorch (bert.encoder.layer.3.) and
+# TF1 (bert/encoder/layer_3/) checkpoints.
+_BERT_LAYER = re.compile(
+    r'^bert(?:\.encoder\.layer\.|/encoder/layer_)(\d+)[./]')
+
+
+def bert_tensors(num_layers: int = 24,
+                 dims: Mapping[str, int] | None = None) -> list[_Tensor]:
+  """HF BertForPreTraining / the MLPerf TF1 reference <-> models/bert.py.
+
+  One entry per tensor, in the order of HF's state_dict (and of the MLPerf
+  checker's list of TF names). Given `dims` (vocab_size, hidden_size,
+  intermediate_size, max_position, type_vocab_size, num_heads: see
+  bert_dims) each entry also carries the PyTorch shape they imply.
+
+  Mapping (PyTorch <-> Flax <-> TF1):
+  bert.embeddings.{word,position,token_type}_embeddings.weight <->
+  bert/embeddings/*/embedding <-> bert/embeddings/*; LayerNorm.{weight,bias}
+  <-> layer_norm/{scale,bias} <-> LayerNorm/{gamma,beta};
+  bert.encoder.layer.{i}.attention.self.{query,key,value} <->
+  bert/encoder_layer_{i}/attention/{query,key,value} (kernels [H, N, D]) <->
+  bert/encoder/layer_{i}/attention/self/*; attention.output.dense <->
+  attention/out (kernel [N, D, H]); attention.output.LayerNorm <->
+  attention_layer_norm; intermediate.dense <-> intermediate; output.dense
+  <-> output; output.LayerNorm <-> output_layer_norm; bert.pooler.dense <->
+  pooler; cls.predictions.bias <-> mlm_output_bias <->
+  cls/predictions/output_bias; cls.predictions.transform.dense <->
+  mlm_transform; cls.predictions.transform.LayerNorm <-> mlm_layer_norm;
+  cls.seq_relationship <-> nsp <-> cls/seq_relationship/output_weights
+  ([2, H], the PyTorch layout) and output_bias. The MLM decoder is tied to
+  the word embeddings (cls.predictions.decoder.weight and .bias repeat
+  bert.embeddings.word_embeddings.weight and cls.predictions.bias; see
+  _TIED).
+  """
+  d = dict(dims) if dims is not None else None
+  g = (lambda k: d[k]) if d is not None else (lambda k: None)
+  v, h, f = g('vocab_size'), g('hidden_size'), g('intermediate_size')
+  heads = g('num_heads')
+  out: list[_Tensor] = []
+
+  def add(torch_name, flax_path, kind, shape, tf_name, tf_transpose=False):
+    known = d is not None and None not in shape
+    out.append(_Tensor(torch_name, ('params', *flax_path), kind,
+                       tuple(shape) if known else None, tf_name, tf_transpose,
+                       heads if kind.startswith('heads') else None))
+
+  def layer_norm(torch_prefix, flax_path, tf_prefix):
+    add(f'{torch_prefix}.weight', (*flax_path, 'scale'), 'vector', (h,),
+        f'{tf_prefix}/gamma')
+    add(f'{torch_prefix}.bias', (*flax_path, 'bias'), 'vector', (h,),
+        f'{tf_prefix}/beta')
+
+  def dense(torch_prefix, flax_path, tf_prefix, out_dim, in_dim,
+            kind='dense', bias_kind='vector'):
+    add(f'{torch_prefix}.weight', (*flax_path, 'kernel'), kind,
+        (out_dim, in_dim), f'{tf_prefix}/kernel', True)
+    add(f'{torch_prefix}.bias', (*flax_path, 'bias'), bias_kind, (out_dim,),
+        f'{tf_prefix}/bias')
+
+  emb = ('bert', 'embeddings')
+  for name, rows in (('word_embeddings', v),
+                     ('position_embeddings', g('max_position')),
+                     ('token_type_embeddings', g('type_vocab_size'))):
+    add(f'bert.embeddings.{name}.weight', (*emb, name, 'embedding'), 'embed',
+        (rows, h), f'bert/embeddings/{name}')
+  layer_norm('bert.embeddings.LayerNorm', (*emb, 'layer_norm'),
+             'bert/embeddings/LayerNorm')
+  for i in range(num_layers):
+    tp, fp, tfp = (f'bert.encoder.layer.{i}', ('bert', f'encoder_layer_{i}'),
+                   f'bert/encoder/layer_{i}')
+    for proj in ('query', 'key', 'value'):
+      dense(f'{tp}.attention.self.{proj}', (*fp, 'attention', proj),
+            f'{tfp}/attention/self/{proj}', h, h, 'heads_in', 'heads_bias')
+    dense(f'{tp}.attention.output.dense', (*fp, 'attention', 'out'),
+          f'{tfp}/attention/output/dense', h, h, 'heads_out')
+    layer_norm(f'{tp}.attention.output.LayerNorm',
+               (*fp, 'attention_layer_norm'),
+               f'{tfp}/attention/output/LayerNorm')
+    dense(f'{tp}.intermediate.dense', (*fp, 'intermediate'),
+          f'{tfp}/intermediate/dense', f, h)
+    dense(f'{tp}.output.dense', (*fp, 'output'), f'{tfp}/output/dense', h, f)
+    layer_norm(f'{tp}.output.LayerNorm', (*fp, 'output_layer_norm'),
+               f'{tfp}/output/LayerNorm')
+  dense('bert.pooler.dense', ('pooler',), 'bert/pooler/dense', h, h)
+  add('cls.predictions.bias', ('mlm_output_bias',), 'vector', (v,),
+      'cls/predictions/output_bias')
+  dense('cls.predictions.transform.dense', ('mlm_transform',),
+        'cls/predictions/transform/dense', h, h)
+  layer_norm('cls.predictions.transform.LayerNorm', ('mlm_layer_norm',),
+             'cls/predictions/transform/LayerNorm')
+  add('cls.seq_relationship.weight', ('nsp', 'kernel'), 'dense', (2, h),
+      'cls/seq_relationship/output_weights')
+  add('cls.seq_relationship.bias', ('nsp', 'bias'), 'vector', (2,),
+      'cls/seq_relationship/output_bias')
+  return out
+
+
+def bert_checker_tensor_names(num_layers: int = 24) -> list[str]:
+  """The TF names of BERT's weights, as the MLPerf checker wants them.
+
+  These are the `tensor` values of the weights_initialization events that
+  closed_bert.yaml (MLPerf Training 2.1.0 and later) requires: the 398
+  weights of BERT-large in the reference's (TF1) names, in its order.
+  """
+  return [t.tf_name for t in bert_tensors(num_layers)]
+
+
+def bert_num_layers(names: Iterable[str]) -> int:
+  """Encoder depth from PyTorch or TF names: 1 + the largest layer index."""
+  found = [int(m.group(1)) for m in map(_BERT_LAYER.match, names) if m]
+  return max(found) + 1 if found else 0
+
+
+def bert_dims(shapes: Mapping[str, tuple[int, ...]], *,
+              num_heads: int = BERT_LARGE_NUM_HEADS,
+              num_layers: int | None = None) -> dict[str, int]:
+  """BERT's sizes from the PyTorch shapes of its tensors.
+
+  vocab_size and hidden_size come from bert.embeddings.word_embeddings
+  (vocab, hidden), max_position and type_vocab_size from the position and
+  token-type embeddings, intermediate_size from layer 0's
+  intermediate.dense (ffn, hidden). The number of heads is not in any shape
+  (the projections are hidden x hidden whatever it is): it is `num_heads`.
+  """
+  def shape(name, rank=2):
+    s = tuple(int(x) for x in shapes[name])
+    if len(s) != rank:
+      raise InteropError(f'bert: tensor {name} has rank {len(s)}, expected '
+                         f'{rank}')
+    return s
+  vocab, hidden = shape('bert.embeddings.word_embeddings.weight')
+  if num_layers is None:
+    num_layers = bert_num_layers(shapes)
+  ffn = (shape('bert.encoder.layer.0.intermediate.dense.weight')[0]
+         if num_layers else None)
+  num_heads = int(num_heads)
+  if num_heads < 1 or hidden % num_heads:
+    raise InteropError(
+        f'bert: hidden size {hidden} (from bert.embeddings.word_embeddings) '
+        f'is not a multiple of num_heads={num_heads}; pass the num_heads of '
+        f'the checkpoint\'s model')
+  return {'vocab_size': vocab, 'hidden_size': hidden,
+          'intermediate_size': ffn,
+          'max_position':
+              shape('bert.embeddings.position_embeddings.weight')[0],
+          'type_vocab_size':
+              shape('bert.embeddings.token_type_embeddings.weight')[0],
+          'num_heads': num_heads, 'num_layers': num_layers}
+
+
+def _bert(names: Iterable[str] | None,
+          shapes: Mapping[str, tuple[int, ...]] | None, *,
+          num_heads: int | None = None,
+          num_layers: int | None = None) -> list[_Tensor]:
+  if num_layers is None:
+    num_layers = bert_num_layers(shapes if names is None else names)
+  if shapes is None:
+    return bert_tensors(num_layers)
+  return bert_tensors(num_layers, bert_dims(
+      shapes, num_layers=num_layers,
+      num_heads=BERT_LARGE_NUM_HEADS if num_heads is None else num_heads))
+
+
+def _bert_options(options: dict[str, Any], expected: Mapping | None):
+  """num_heads from `expected` (its query kernel [H, N, D]) if not given."""
+  if options.get('num_heads') is None and expected is not None:
+    try:
+      kernel = _leaf(_get(expected, ('params', 'bert', 'encoder_layer_0',
+                                     'attention', 'query', 'kernel'), 'bert'))
+      options['num_heads'] = int(kernel.shape[1])
+    except (InteropError, AttributeError, IndexError):
+      pass
+  return options
+
+
+# ------------------------------------------------------------------ TF1 reader
+
+class UnsupportedCheckpoint(InteropError):
+  """A TF checkpoint uses a feature that the numpy reader does not handle."""
+
+
+# TensorFlow's DataType enum (types.proto) -> numpy, for the numeric types.
+_TF_DTYPES = {1: 'float32', 2: 'float64', 3: 'int32', 4: 'uint8', 5: 'int16',
+              6: 'int8', 9: 'int64', 10: 'bool', 14: 'bfloat16',
+              17: 'uint16', 19: 'float16', 22: 'uint32', 23: 'uint64'}
+_TF_DTYPE_NAMES = {7: 'string', 8: 'complex64', 18: 'complex128',
+                   20: 'resource', 21: 'variant'}
+# leveldb's table magic number, which ends every .index file.
+_TABLE_MAGIC = 0xdb4775248b80fb57
+
+
+def _np_dtype(name: str) -> np.dtype:
+  if name == 'bfloat16':
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  result = shift = 0
+  while True:
+    b = buf[pos]
+    pos += 1
+    result |= (b & 0x7f) << shift
+    if b < 0x80:
+      return result, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError('varint longer than 10 bytes')
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, Any]]:
+  """(field number, value) of a serialized protocol buffer message."""
+  out, pos = [], 0
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _varint(buf, pos)
+    elif wire == 1:
+      value, pos = int.from_bytes(buf[pos:pos + 8], 'little'), pos + 8
+    elif wire == 2:
+      n, pos = _varint(buf, pos)
+      value, pos = bytes(buf[pos:pos + n]), pos + n
+    elif wire == 5:
+      value, pos = int.from_bytes(buf[pos:pos + 4], 'little'), pos + 4
+    else:
+      raise ValueError(f'wire type {wire}')
+    if pos > len(buf):
+      raise ValueError('truncated message')
+    out.append((field, value))
+  return out
+
+
+def _int64(v: int) -> int:
+  return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _crc32c_masked(data: bytes) -> int:
+  import google_crc32c  # pylint: disable=g-import-not-at-top
+  crc = google_crc32c.value(data)
+  return ((((crc >> 15) | (crc << 17)) & 0xffffffff) + 0xa282ead8) & 0xffffffff
+
+
+@dataclasses.dataclass(frozen=True)
+class _BundleEntry:
+  """A BundleEntryProto: where one tensor's bytes are."""
+  dtype: int
+  shape: tuple[int, ...]
+  shard_id: int
+  offset: int
+  size: int
+  crc32c: int | None
+  sliced: bool
+
+
+def _bundle_entry(value: bytes) -> _BundleEntry:
+  f = {'dtype': 0, 'shape': (), 'shard_id': 0, 'offset': 0, 'size': 0,
+       'crc32c': None, 'sliced': False}
+  for field, v in _proto_fields(value):
+    if field == 1:
+      f['dtype'] = v
+    elif field == 2:
+      dims = []
+      for sf, sv in _proto_fields(v):
+        if sf == 2:
+          dims.append(_int64(dict(_proto_fields(sv)).get(1, 0)))
+        elif sf == 3 and sv:
+          raise UnsupportedCheckpoint('a tensor of unknown rank')
+      f['shape'] = tuple(dims)
+    elif field in (3, 4, 5):
+      f[{3: 'shard_id', 4: 'offset', 5: 'size'}[field]] = v
+    elif field == 6:
+      f['crc32c'] = v
+    elif field == 7:
+      f['sliced'] = True
+  return _BundleEntry(**f)
+
+
+class TFCheckpoint:
+  """A TF checkpoint (tensor bundle, format V2) read with numpy alone.
+
+  The .index file is a leveldb table (sorted keys, prefix-compressed blocks,
+  a block index and a footer) mapping each tensor name to a
+  BundleEntryProto (dtype, shape, data shard, offset, size, masked CRC32C);
+  the empty key holds the BundleHeaderProto (number of shards,
+  endianness). The tensors' bytes lie raw in .data-{shard}-of-{shards}.
+  Every block and tensor is checked against its CRC32C. Uncompressed
+  tables (TensorFlow writes them so) of whole (not partitioned) numeric
+  tensors are read; anything else raises UnsupportedCheckpoint.
+  """
+
+  def __init__(self, prefix: str):
+    self.prefix = prefix
+    path = prefix + '.index'
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      raise InteropError(f'cannot read the TF checkpoint index {path}: '
+                         f'{e.strerror or e}') from None
+    try:
+      entries = self._table(data)
+    except (ValueError, IndexError) as e:
+      raise InteropError(f'{path}: not a readable TF checkpoint index '
+                         f'({e})') from None
+    header = entries.pop(b'', None)
+    if header is None:
+      raise InteropError(f'{path}: no bundle header (not a TF checkpoint '
+                         f'index?)')
+    h = dict(_proto_fields(header))
+    self.num_shards = int(h.get(1, 1))
+    if h.get(2, 0) != 0:
+      raise UnsupportedCheckpoint(f'{path}: a big-endian checkpoint')
+    self.entries: dict[str, _BundleEntry] = {}
+    for key, value in entries.items():
+      try:
+        self.entries[key.decode('utf-8')] = _bundle_entry(value)
+      except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise InteropError(f'{path}: unreadable entry {key!r} ({e})') from None
+
+  def _table(self, data: bytes) -> dict[bytes, bytes]:
+    if len(data) < 48 or int.from_bytes(data[-8:], 'little') != _TABLE_MAGIC:
+      raise ValueError('no table footer')
+    footer = data[-48:-8]
+    _, pos = _varint(footer, 0)              # metaindex block offset
+    _, pos = _varint(footer, pos)            # ... and size
+    index_offset, pos = _varint(footer, pos)
+    index_size, _ = _varint(footer, pos)
+    out = {}
+    for _, handle in self._block(data, index_offset, index_size):
+      offset, pos = _varint(handle, 0)
+      size, _ = _varint(handle, pos)
+      out.update(self._block(data, offset, size))
+    return out
+
+  def _block(self, data: bytes, offset: int, size: int
+             ) -> list[tuple[bytes, bytes]]:
+    if offset + size + 5 > len(data):
+      raise ValueError(f'block at {offset} past the end of the file')
+    block = data[offset:offset + size]
+    kind = data[offset + size]
+    crc = int.from_bytes(data[offset + size + 1:offset + size + 5], 'little')
+    if _crc32c_masked(block + bytes([kind])) != crc:
+      raise ValueError(f'CRC32C mismatch in the block at {offset}')
+    if kind != 0:
+      raise UnsupportedCheckpoint(
+          f'{self.prefix}.index: compressed table blocks (type {kind})')
+    restarts = int.from_bytes(block[-4:], 'little')
+    limit = len(block) - 4 * (restarts + 1)
+    out, pos, key = [], 0, b''
+    while pos < limit:
+      shared, pos = _varint(block, pos)
+      unshared, pos = _varint(block, pos)
+      length, pos = _varint(block, pos)
+      key = key[:shared] + block[pos:pos + unshared]
+      pos += unshared
+      out.append((key, block[pos:pos + length]))
+      pos += length
+    return out
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {k: e.shape for k, e in self.entries.items()}
+
+  def read(self, name: str) -> np.ndarray:
+    """One tensor, checked against its CRC32C."""
+    e = self.entries[name]
+    if e.sliced:
+      raise UnsupportedCheckpoint(f'tensor {name} is saved in slices (a '
+                                  f'partitioned variable)')
+    if e.dtype not in _TF_DTYPES:
+      raise UnsupportedCheckpoint(
+          f'tensor {name} has dtype '
+          f'{_TF_DTYPE_NAMES.get(e.dtype, f"enum {e.dtype}")}')
+    dtype = _np_dtype(_TF_DTYPES[e.dtype])
+    count = int(np.prod(e.shape, dtype=np.int64))
+    if count * dtype.itemsize != e.size:
+      raise InteropError(f'{self.prefix}: tensor {name} has {e.size} bytes, '
+                         f'but its shape {e.shape} and dtype {dtype} need '
+                         f'{count * dtype.itemsize}')
+    path = (f'{self.prefix}.data-{e.shard_id:05d}-of-'
+            f'{self.num_shards:05d}')
+    try:
+      with open(path, 'rb') as f:
+        f.seek(e.offset)
+        buf = f.read(e.size)
+    except OSError as err:
+      raise InteropError(f'cannot read {path}: {err.strerror or err}'
+                         ) from None
+    if len(buf) != e.size:
+      raise InteropError(f'{path}: truncated (tensor {name} needs bytes '
+                         f'{e.offset}..{e.offset + e.size})')
+    if e.crc32c is not None and _crc32c_masked(buf) != e.crc32c:
+      raise InteropError(f'{path}: tensor {name} fails its CRC32C check '
+                         f'(corrupt data file)')
+    return np.frombuffer(buf, dtype).reshape(e.shape).copy()
+
+
+def tf_checkpoint_prefix(path: str) -> str:
+  """The prefix of a TF checkpoint given as a prefix, .index file or folder.
+
+  A folder holds a `checkpoint` state file naming the latest checkpoint (as
+  TensorFlow writes it) or exactly one .index file.
+  """
+  path = os.path.expanduser(str(path))
+  if path.endswith('.index'):
+    path = path[:-len('.index')]
+  if os.path.isdir(path):
+    state = os.path.join(path, 'checkpoint')
+    prefix = None
+    if os.path.isfile(state):
+      with open(state, encoding='utf-8') as f:
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', f.read(), re.M)
+      if m:
+        prefix = m.group(1)
+        if not os.path.isabs(prefix):
+          prefix = os.path.join(path, prefix)
+    if prefix is None:
+      indexes = sorted(n for n in os.listdir(path) if n.endswith('.index'))
+      if len(indexes) != 1:
+        raise InteropError(
+            f'{path}: a folder with {len(indexes)} .index files and no '
+            f'`checkpoint` state file naming one; give the checkpoint prefix '
+            f'(e.g. {os.path.join(path, "model.ckpt-28252")})')
+      prefix = os.path.join(path, indexes[0][:-len('.index')])
+    path = prefix
+  if not os.path.isfile(path + '.index'):
+    raise InteropError(f'no TF checkpoint at {path} (expected '
+                       f'{path}.index and {path}.data-00000-of-000NN)')
+  return path
+
+
+def _tensorflow_reader(prefix: str, why: str = ''):
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise InteropError(
+        f'{prefix}: {why + "; " if why else ""}reading it needs TensorFlow, '
+        f"which is not installed: pip install 'jaxperf[tf]' (or pip install "
+        f'tensorflow-cpu)') from None
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InteropError(f'TensorFlow cannot read the checkpoint {prefix}: '
+                       f'{e}') from None
+  shapes = {k: tuple(int(x) for x in v)
+            for k, v in reader.get_variable_to_shape_map().items()}
+  return shapes, lambda name: np.asarray(reader.get_tensor(name))
+
+
+def _open_tf_checkpoint(path: str, reader: str):
+  """(name -> shape, read(name)) of a TF checkpoint."""
+  if reader not in ('auto', 'numpy', 'tensorflow'):
+    raise InteropError(f'reader={reader!r}: expected auto, numpy or '
+                       f'tensorflow')
+  prefix = tf_checkpoint_prefix(path)
+  if reader == 'tensorflow':
+    return _tensorflow_reader(prefix)
+  try:
+    bundle = TFCheckpoint(prefix)
+  except UnsupportedCheckpoint as e:
+    if reader == 'numpy':
+      raise
+    return _tensorflow_reader(prefix, str(e))
+
+  fallback = []                 # TensorFlow's reader, once it is needed
+
+  def read(name):
+    try:
+      return bundle.read(name)
+    except UnsupportedCheckpoint as e:
+      if reader == 'numpy':
+        raise
+      if not fallback:
+        fallback.append(_tensorflow_reader(prefix, str(e))[1])
+      return fallback[0](name)
+  return bundle.shapes(), read
+
+
+def read_tf_checkpoint(path: str, names: Iterable[str] | None = None, *,
+                       reader: str = 'auto') -> dict[str, np.ndarray]:
+  """Tensors of a TF checkpoint by name (all of them, or `names`).
+
+  Args:
+    path: the checkpoint prefix (model.ckpt-28252), its .index file, or its
+      folder (see tf_checkpoint_prefix).
+    names: the tensors to read; default all.
+    reader: 'numpy' (TFCheckpoint), 'tensorflow' (tf.train.load_checkpoint)
+      or 'auto': numpy, and TensorFlow for what numpy does not handle.
+  """
+  shapes, read = _open_tf_checkpoint(path, reader)
+  names = list(shapes) if names is None else list(names)
+  unknown = [n for n in names if n not in shapes]
+  if unknown:
+    raise InteropError(f'the TF checkpoint {path} has no tensor(s) '
+                       f'{", ".join(unknown[:6])}')
+  return {n: read(n) for n in names}
+
+
+# ------------------------------------------------------------------ registry
+
 # Bookkeeping entries of a state_dict that carry no weights.
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
+# Per model: buffers that some versions of the reference keep in the
+# state_dict (HF transformers before 4.31 saved position_ids).
+_IGNORED_NAMES = {'bert': ('bert.embeddings.position_ids',
+                           'bert.embeddings.token_type_ids')}
+# Per model: tensors tied to another one (the same Parameter in the
+# reference). Optional when loading (a state_dict saved without duplicates
+# lacks them); if present they must equal their source. to_torch writes them,
+# after the tensor named in _TIED_AFTER (where the reference's state_dict
+# has them).
+_TIED = {'bert': {
+    'cls.predictions.decoder.weight': 'bert.embeddings.word_embeddings.weight',
+    'cls.predictions.decoder.bias': 'cls.predictions.bias'}}
+_TIED_AFTER = {'bert': 'cls.predictions.transform.LayerNorm.bias'}
+# TF checkpoints: what the optimizer and training loop save beside the
+# weights. Slots (name/adam_m, ...) are skipped only for a weight of the
+# model; anything else unexpected is an error.
+_TF_SLOT = re.compile(r'^(.+)/(adam_m|adam_v|lamb_m|lamb_v|LAMB(?:_\d+)?|'
+                      r'Adam(?:_\d+)?|AdamWeightDecayOptimizer(?:_\d+)?|'
+                      r'Momentum)$')
+_TF_BOOKKEEPING = ('global_step', 'beta1_power', 'beta2_power',
+                   '_CHECKPOINTABLE_OBJECT_GRAPH')
 
-# Per model: the tensor list, given the PyTorch shapes of a state_dict whose
-# names are already known to match (None: names only).
-_MODELS: dict[str, Callable[[Mapping[str, tuple[int, ...]] | None],
-                            list[_Tensor]]] = {
-    'resnet50': lambda shapes: resnet_tensors((3, 4, 6, 3)),
-    'unet3d': lambda shapes: (unet3d_tensors() if shapes is None else
-                              unet3d_tensors(**unet3d_dims(shapes))),
+# Per model: the tensor list, given the names of the tensors at hand (the
+# depth of a BERT is read from them), their PyTorch shapes once the names
+# are known to match (None: names only) and the model's options.
+_MODELS: dict[str, Callable[..., list[_Tensor]]] = {
+    'resnet50': lambda names, shapes: resnet_tensors((3, 4, 6, 3)),
+    'unet3d': lambda names, shapes: (unet3d_tensors() if shapes is None else
+                                     unet3d_tensors(**unet3d_dims(shapes))),
+    'bert': _bert,
 }
+# Models whose tensors have TF1 checkpoint names (from_tf_checkpoint).
+_TF_MODELS = ('bert',)
+# Per model: the keyword options of from_torch / from_tf_checkpoint.
+_OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',)}
 
 
-def _tensors(model_name: str,
-             shapes: Mapping[str, tuple[int, ...]] | None = None
-             ) -> list[_Tensor]:
+def _tensors(model_name: str, names: Iterable[str] | None = None,
+             shapes: Mapping[str, tuple[int, ...]] | None = None,
+             **options: Any) -> list[_Tensor]:
   if model_name not in _MODELS:
     raise InteropError(f'no weight mapping for model {model_name!r}; known: '
                        f'{", ".join(_MODELS)}')
-  return _MODELS[model_name](shapes)
+  return _MODELS[model_name](names, shapes, **options)
+
+
+def _check_options(model_name: str, options: Mapping[str, Any],
+                   expected: Mapping | None) -> dict[str, Any]:
+  if model_name not in _MODELS:
+    _tensors(model_name)
+  bad = sorted(set(options) - set(_OPTIONS[model_name]))
+  if bad:
+    raise InteropError(f'{model_name}: unknown option(s) {", ".join(bad)}; '
+                       f'it takes {", ".join(_OPTIONS[model_name]) or "none"}')
+  options = dict(options)
+  if model_name == 'bert':
+    options = _bert_options(options, expected)
+  return options
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -215,6 +818,13 @@ def _numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def _leaf(x: Any) -> Any:
+  """The value of a boxed leaf (flax's nn.Partitioned and kin)."""
+  if not hasattr(x, 'shape') and hasattr(x, 'unbox') and hasattr(x, 'value'):
+    return x.value
+  return x
+
+
 def _get(tree: Mapping, path: tuple[str, ...], model_name: str) -> Any:
   node = tree
   for key in path:
@@ -222,48 +832,62 @@ def _get(tree: Mapping, path: tuple[str, ...], model_name: str) -> Any:
       raise InteropError(f'{model_name}: the variables have no '
                          f'{"/".join(path)}')
     node = node[key]
-  return node
+  return _leaf(node)
+
+
+def _source_name(t: _Tensor, source: str) -> str:
+  return t.tf_name if source == 'tf' else t.torch_name
+
+
+def _source_shape(t: _Tensor, torch_shape: Sequence[int], source: str
+                  ) -> tuple[int, ...]:
+  s = tuple(int(v) for v in torch_shape)
+  return s[::-1] if source == 'tf' and t.tf_transpose and len(s) == 2 else s
 
 
 def _check_shapes(model_name: str, tensors: list[_Tensor],
-                  expected: Mapping | None, got: Mapping[str, np.ndarray]):
+                  expected: Mapping | None, got: Mapping[str, np.ndarray],
+                  source: str = 'torch'):
   """Compares Flax-layout arrays with the shapes of `expected` variables."""
   if expected is None:
     return
   for t in tensors:
     want = tuple(_get(expected, t.flax_path, model_name).shape)
     have = tuple(got[t.torch_name].shape)
-    if want != have:
+    if want == have:
+      continue
+    got_shape = _source_shape(t, _torch_shape(t, have), source)
+    want_shape = _source_shape(t, _torch_shape(t, want), source)
+    if got_shape == want_shape:               # split into other heads
       raise InteropError(
-          f'{model_name}: tensor {t.torch_name} has shape '
-          f'{tuple(_to_torch_layout(t.kind, np.empty(have)).shape)} but the '
-          f'model expects {tuple(_to_torch_layout(t.kind, np.empty(want)).shape)} '
-          f'(Flax {"/".join(t.flax_path)} {want})')
+          f'{model_name}: tensor {_source_name(t, source)} becomes Flax '
+          f'{"/".join(t.flax_path)} {have} but the model expects {want}: '
+          f'num_heads={t.num_heads} is not the model\'s')
+    raise InteropError(
+        f'{model_name}: tensor {_source_name(t, source)} has shape '
+        f'{got_shape} but the model expects {want_shape} '
+        f'(Flax {"/".join(t.flax_path)} {want})')
 
 
-def _describe_dims(model_name: str, raw: Mapping[str, np.ndarray]) -> str:
+def _describe_dims(model_name: str, raw: Mapping[str, np.ndarray],
+                   options: Mapping[str, Any]) -> str:
+  shapes = {k: a.shape for k, a in raw.items()}
   if model_name == 'unet3d':
-    d = unet3d_dims({k: a.shape for k, a in raw.items()})
+    d = unet3d_dims(shapes)
     return (f'filters={list(d["filters"])}, in_channels={d["in_channels"]}, '
             f'n_class={d["n_class"]}, read from the weights of '
             f'input_block.conv1, downsample.{{0..3}}.conv1 and output.conv')
+  if model_name == 'bert':
+    heads = options.get('num_heads') or BERT_LARGE_NUM_HEADS
+    d = bert_dims(shapes, num_heads=heads)
+    return (', '.join(f'{k}={v}' for k, v in d.items()) + ', read from the '
+            'word, position and token-type embeddings, layer 0\'s '
+            'intermediate dense and the layer names (num_heads as given)')
   return 'as read from the state_dict'
 
 
-def from_torch(model_name: str, state_dict: Mapping[str, Any],
-               expected: Mapping | None = None) -> dict[str, Any]:
-  """Flax variables from a PyTorch reference state_dict.
-
-  Args:
-    model_name: 'resnet50' or 'unet3d'.
-    state_dict: the reference module's state_dict (tensors or arrays).
-    expected: optional variables (or jax.eval_shape of them) of the target
-      model; shapes are checked against them, tensor by tensor. (unet3d
-      tensors are also checked against the widths the state_dict implies.)
-  """
-  tensors = _tensors(model_name)
-  names = {t.torch_name for t in tensors}
-  given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
+def _check_names(model_name: str, what: str, names: set[str],
+                 given: set[str]) -> None:
   missing = sorted(names - given)
   unexpected = sorted(given - names)
   if missing or unexpected:
@@ -275,23 +899,36 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
       parts.append(f'unexpected {len(unexpected)} tensor(s): '
                    f'{", ".join(unexpected[:6])}'
                    + (' ...' if len(unexpected) > 6 else ''))
-    raise InteropError(f'{model_name} state_dict does not match the model: '
+    raise InteropError(f'{model_name} {what} does not match the model: '
                        + '; '.join(parts))
-  raw = {t.torch_name: _numpy(state_dict[t.torch_name]) for t in tensors}
+
+
+def _assemble(model_name: str, raw: Mapping[str, np.ndarray],
+              expected: Mapping | None, options: Mapping[str, Any],
+              source: str = 'torch') -> dict[str, Any]:
+  """Flax variables from arrays in PyTorch layout, keyed by PyTorch name.
+
+  Checks the ranks, the shapes the tensors imply among themselves and, given
+  `expected`, the shapes of the target model; errors name the tensor as the
+  source (`torch` or `tf`) does.
+  """
+  tensors = _tensors(model_name, raw, None, **options)
   for t in tensors:
-    if raw[t.torch_name].ndim != _RANK[t.kind]:
-      raise InteropError(f'{model_name}: tensor {t.torch_name} has rank '
-                         f'{raw[t.torch_name].ndim}, expected {_RANK[t.kind]}')
-  tensors = _tensors(model_name, {k: a.shape for k, a in raw.items()})
+    a = raw[t.torch_name]
+    if a.ndim != _RANK[t.kind]:
+      raise InteropError(f'{model_name}: tensor {_source_name(t, source)} has '
+                         f'rank {a.ndim}, expected {_RANK[t.kind]}')
+  tensors = _tensors(model_name, raw, {k: a.shape for k, a in raw.items()},
+                     **options)
   for t in tensors:
     if t.shape is not None and tuple(raw[t.torch_name].shape) != t.shape:
       raise InteropError(
-          f'{model_name}: tensor {t.torch_name} has shape '
-          f'{tuple(raw[t.torch_name].shape)} but the other tensors imply '
-          f'{t.shape} ({_describe_dims(model_name, raw)})')
-  arrays = {t.torch_name: _to_flax(t.kind, raw[t.torch_name])
-            for t in tensors}
-  _check_shapes(model_name, tensors, expected, arrays)
+          f'{model_name}: tensor {_source_name(t, source)} has shape '
+          f'{_source_shape(t, raw[t.torch_name].shape, source)} but the other '
+          f'tensors imply {_source_shape(t, t.shape, source)} '
+          f'({_describe_dims(model_name, raw, options)})')
+  arrays = {t.torch_name: _to_flax(t, raw[t.torch_name]) for t in tensors}
+  _check_shapes(model_name, tensors, expected, arrays, source)
   out: dict[str, Any] = {}
   for t in tensors:
     node = out
@@ -301,10 +938,107 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
   return out
 
 
+def from_torch(model_name: str, state_dict: Mapping[str, Any],
+               expected: Mapping | None = None, **options: Any
+               ) -> dict[str, Any]:
+  """Flax variables from a PyTorch reference state_dict.
+
+  Args:
+    model_name: 'resnet50', 'unet3d' or 'bert'.
+    state_dict: the reference module's state_dict (tensors or arrays).
+    expected: optional variables (or jax.eval_shape of them, boxed or not)
+      of the target model; shapes are checked against them, tensor by
+      tensor. (unet3d and bert tensors are also checked against the sizes
+      the state_dict implies.)
+    **options: bert: num_heads, which no shape tells (default: read from
+      `expected` if given, else BERT-large's 16). The depth and every other
+      size of a BERT are read from the state_dict (bert_dims).
+  """
+  options = _check_options(model_name, options, expected)
+  ignored = _IGNORED_NAMES.get(model_name, ())
+  tied = _TIED.get(model_name, {})
+  given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)
+           and k not in ignored and k not in tied}
+  tensors = _tensors(model_name, given, None, **options)
+  _check_names(model_name, 'state_dict', {t.torch_name for t in tensors},
+               given)
+  raw = {t.torch_name: _numpy(state_dict[t.torch_name]) for t in tensors}
+  for name, source in tied.items():
+    if name not in state_dict:
+      continue
+    a, b = _numpy(state_dict[name]), raw[source]
+    if a.shape != b.shape or not np.array_equal(a, b):
+      what = (f'has shape {a.shape}, {source} {b.shape}' if a.shape != b.shape
+              else f'differs from it by up to '
+                   f'{float(np.max(np.abs(a.astype(np.float64) - b))):.3g}')
+      raise InteropError(f'{model_name}: tensor {name} is tied to {source} '
+                         f'(the same parameter in the reference) but {what}')
+  return _assemble(model_name, raw, expected, options)
+
+
+def from_tf_checkpoint(model_name: str, path: str,
+                       expected: Mapping | None = None, *,
+                       reader: str = 'auto', **options: Any) -> dict[str, Any]:
+  """Flax variables from a TF1 checkpoint of the reference (bert).
+
+  The MLPerf BERT reference's checkpoints (e.g. the phase-1 model.ckpt-28252)
+  name the weights as bert_checker_tensor_names lists them. Optimizer slots
+  of those weights (…/adam_m, …/adam_v, LAMB's and Adam's slots) and
+  global_step are skipped; any other tensor that is not a weight of the
+  model is an error, as is a missing or misshapen one.
+
+  Args:
+    model_name: 'bert'.
+    path: the checkpoint prefix, its .index file or its folder
+      (tf_checkpoint_prefix).
+    expected: as for from_torch.
+    reader: 'auto' (numpy, with TensorFlow for what numpy cannot read),
+      'numpy' or 'tensorflow' (see read_tf_checkpoint).
+    **options: as for from_torch (bert: num_heads).
+  """
+  options = _check_options(model_name, options, expected)
+  if model_name not in _TF_MODELS:
+    raise InteropError(f'{model_name}: no TF checkpoint mapping; TF '
+                       f'checkpoints load for {", ".join(_TF_MODELS)}')
+  shapes, read = _open_tf_checkpoint(path, reader)
+  weights = {k for k in shapes if k not in _TF_BOOKKEEPING
+             and not _TF_SLOT.match(k)}
+  tensors = _tensors(model_name, weights, None, **options)
+  names = {t.tf_name for t in tensors}
+  given = {k for k in shapes if k not in _TF_BOOKKEEPING and not (
+      (m := _TF_SLOT.match(k)) and m.group(1) in names)}
+  _check_names(model_name, f'TF checkpoint {path}', names, given)
+  raw = {}
+  for t in tensors:
+    a = read(t.tf_name)
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != 'bfloat16':
+      raise InteropError(f'{model_name}: tensor {t.tf_name} has dtype '
+                         f'{a.dtype}, expected floating point')
+    raw[t.torch_name] = a.T if t.tf_transpose and a.ndim == 2 else a
+  return _assemble(model_name, raw, expected, options, source='tf')
+
+
+def _options_from_variables(model_name: str, variables: Mapping[str, Any]
+                            ) -> dict[str, Any]:
+  if model_name != 'bert':
+    return {}
+  bert = variables.get('params', {}).get('bert', {}) if isinstance(
+      variables.get('params'), Mapping) else {}
+  layers = [int(m.group(1)) for k in bert
+            if (m := re.fullmatch(r'encoder_layer_(\d+)', k))]
+  return {'num_layers': max(layers) + 1 if layers else 0}
+
+
 def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
-  """A PyTorch state_dict (torch tensors) from Flax variables."""
+  """A PyTorch state_dict (torch tensors) from Flax variables.
+
+  For bert the state_dict of HF transformers' BertForPreTraining, ready for
+  load_state_dict(strict=True), tied decoder tensors included; the depth is
+  read from the variables.
+  """
   import torch  # pylint: disable=g-import-not-at-top
-  tensors = _tensors(model_name)
+  tensors = _tensors(model_name, None, None,
+                     **_options_from_variables(model_name, variables))
   used = {t.flax_path for t in tensors}
   extra = []
 
@@ -323,10 +1057,19 @@ def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     # A copy: arrays from JAX are read-only, torch tensors writable.
     a = np.array(_get(variables, t.flax_path, model_name), np.float32)
     out[t.torch_name] = torch.from_numpy(
-        np.ascontiguousarray(_to_torch_layout(t.kind, a)))
+        np.ascontiguousarray(_to_torch_layout(t, a)))
     if t.torch_name.endswith('running_var'):
       out[t.torch_name[:-len('running_var')] + 'num_batches_tracked'] = (
           torch.tensor(0, dtype=torch.long))
+  tied = _TIED.get(model_name)
+  if tied:
+    ordered = {}
+    for k, v in out.items():
+      ordered[k] = v
+      if k == _TIED_AFTER[model_name]:
+        ordered.update({name: out[source].clone()
+                        for name, source in tied.items()})
+    out = ordered
   return out
 
 
