@@ -160,8 +160,8 @@ def test_committed_results_are_complete():
       r = json.load(f)
     if r.get('flops_source') != 'xla_cost_analysis':
       continue  # not a bench file
-    # Full-size ResNet-50; the 3D U-Net files are its smoke width.
-    want = {'resnet50': 25_557_032, 'unet3d': 1_951_163}
+    # Full-size ResNet-50 and BERT-large; the 3D U-Net files are its smoke width.
+    want = {'resnet50': 25_557_032, 'unet3d': 1_951_163, 'bert': 336_226_108}
     assert r['param_count'] == want[r['model']], path
     assert r['step_time_s'] > 0 and r['flops_per_step'] > 0, path
     assert 0 < r['mfu'] <= 1, path

@@ -349,3 +349,46 @@ def test_gradient_accumulation_averages_micro_batches():
   with pytest.raises(ConfigError, match='gradient_accumulation_steps=3'):
     Bert(config_lib.load_config('bert', 'smoke', dict(
         TINY, gradient_accumulation_steps=3)))
+
+
+@pytest.mark.parametrize('kind', ['tf1', 'torch'])
+def test_init_checkpoint_loads_into_the_sharded_state(tmp_path, kind):
+  """init_checkpoint: the TF1 fixture (written by TensorFlow) or a PyTorch
+  state_dict lands in the parameters, sharded as the mesh says; the LAMB
+  moments stay zero."""
+  import os
+  from jaxperf import interop
+  prefix = os.path.join(os.path.dirname(__file__), 'data', 'bert_tf1',
+                        'model.ckpt-7')
+  want = interop.from_tf_checkpoint('bert', prefix, num_heads=2)['params']
+  path = prefix
+  if kind == 'torch':
+    import torch
+    path = str(tmp_path / 'phase1.pt')
+    torch.save(interop.to_torch('bert', {'params': want}), path)
+  cfg = config_lib.load_config('bert', 'smoke', {
+      'vocab_size': 16, 'hidden_size': 4, 'num_layers': 2, 'num_heads': 2,
+      'intermediate_size': 8, 'max_position': 8, 'max_seq_length': 8,
+      'max_predictions_per_seq': 2, 'global_batch_size': 8,
+      'init_checkpoint': path})
+  w = Bert(cfg)
+  mesh = mesh_lib.make_mesh('data=2,tensor=2,fsdp=2')
+  w.check_mesh(mesh)
+  w.setup(100)
+  rng = jax.random.key_data(jax.random.key(0))
+  sh = w.state_sharding(jax.eval_shape(w.init_state, rng), mesh)
+  state = jax.jit(w.init_state, out_shardings=sh)(rng)
+  state = w.load_initial_weights(state, sh)
+  got = jax.device_get(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
+  kernel = state.params['bert']['encoder_layer_0']['intermediate']['kernel']
+  assert kernel.sharding == sh.params['bert']['encoder_layer_0'][
+      'intermediate']['kernel']
+  assert not any(np.any(np.asarray(x))
+                 for x in jax.tree.leaves(state.opt_state)
+                 if np.ndim(x) > 0)
+
+  bad = config_lib.load_config('bert', 'smoke', dict(
+      cfg.to_dict(), init_checkpoint=str(tmp_path / 'nothing')))
+  with pytest.raises(ConfigError, match='expected a TF checkpoint prefix'):
+    Bert(bad).load_initial_weights(state, sh)

@@ -103,7 +103,7 @@ def test_float64_gradients_match_torchvision_exactly(tmp_path):
 
 def test_compare_cli_rejects_unknown_model():
   proc = subprocess.run([sys.executable, '-m', 'jaxperf.compare', '--model',
-                         'bert', '--no-timing'], capture_output=True, text=True,
+                         'gpt3', '--no-timing'], capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2
-  assert "--model 'bert': no PyTorch reference" in proc.stderr
+  assert "--model 'gpt3': no PyTorch reference" in proc.stderr

@@ -244,7 +244,7 @@ class Bert(Workload):
 
   def load_initial_weights(self, state, shardings):
     """Parameters from `init_checkpoint` (the MLPerf phase-1 checkpoint): a
-    TF1 checkpoint prefix (model.ckpt-28252, read through TensorFlow) or a
+    TF1 checkpoint prefix (model.ckpt-28252, read with numpy) or a
     PyTorch state_dict file of HF BertForPreTraining. The optimizer moments
     start at zero, as the reference does not load them."""
     path = self.config.init_checkpoint
