@@ -183,6 +183,31 @@ def local_batch_size(global_batch: int, process_count: int,
   return global_batch // process_count
 
 
+def epoch_order(step: int, global_batch: int, process_index: int,
+                process_count: int, num_examples: int, permutation,
+                cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(example indices, epochs, global slots) of this process's slice of
+  training batch `step`.
+
+  The stream is epochs back to back, each in the order `permutation(epoch)`
+  gives; slot t of the stream is example permutation(t // N)[t % N]. `cache`
+  keeps the permutations in use between calls (older epochs are dropped).
+  """
+  local = local_batch_size(global_batch, process_count, process_index)
+  slots = (step * global_batch + process_index * local
+           + np.arange(local, dtype=np.int64))
+  epochs, positions = np.divmod(slots, num_examples)
+  index = np.empty_like(slots)
+  for e in np.unique(epochs).tolist():
+    if e not in cache:
+      for old in [k for k in cache if k < e]:
+        del cache[old]
+      cache[e] = permutation(e)
+    sel = epochs == e
+    index[sel] = cache[e][positions[sel]]
+  return index, epochs, slots
+
+
 class ImageDataset(abc.ABC):
   """Train and eval batch streams over `num_examples` encoded images.
 
@@ -233,18 +258,9 @@ class ImageDataset(abc.ABC):
     return self._order(step, global_batch, process_index, process_count, {})
 
   def _order(self, step, global_batch, process_index, process_count, cache):
-    local = local_batch_size(global_batch, process_count, process_index)
-    slots = (step * global_batch + process_index * local
-             + np.arange(local, dtype=np.int64))
-    epochs, positions = np.divmod(slots, self.num_examples)
-    index = np.empty_like(slots)
-    for e in np.unique(epochs).tolist():
-      if e not in cache:
-        for old in [k for k in cache if k < e]:
-          del cache[old]
-        cache[e] = self.permutation(e)
-      sel = epochs == e
-      index[sel] = cache[e][positions[sel]]
+    index, epochs, _ = epoch_order(step, global_batch, process_index,
+                                   process_count, self.num_examples,
+                                   self.permutation, cache)
     return index, epochs
 
   # --- streams ---------------------------------------------------------------

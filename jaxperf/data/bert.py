@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 
 from jaxperf.data import tfrecord
-from jaxperf.data.augment import local_batch_size
+from jaxperf.data.augment import epoch_order, local_batch_size
 from jaxperf.data.prefetch import Prefetcher
 from jaxperf.errors import ConfigError, DataError
 
@@ -274,17 +274,7 @@ def _decode_fast(data: bytes) -> dict[str, np.ndarray]:
   return out
 
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while n >= 0x80:
-    out.append((n & 0x7F) | 0x80)
-    n >>= 7
-  out.append(n)
-  return bytes(out)
-
-
-def _delimited(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+_delimited = tfrecord._delimited  # pylint: disable=protected-access
 
 
 def _encode_varints(values: np.ndarray) -> bytes:
@@ -595,19 +585,8 @@ class BertSource:
     return self._order(step, global_batch, process_index, process_count, {})
 
   def _order(self, step, global_batch, process_index, process_count, cache):
-    local = local_batch_size(global_batch, process_count, process_index)
-    slots = (step * global_batch + process_index * local
-             + np.arange(local, dtype=np.int64))
-    epochs, positions = np.divmod(slots, self.num_examples)
-    index = np.empty_like(slots)
-    for e in np.unique(epochs).tolist():
-      if e not in cache:
-        for old in [k for k in cache if k < e]:
-          del cache[old]
-        cache[e] = self.permutation(e)
-      sel = epochs == e
-      index[sel] = cache[e][positions[sel]]
-    return index
+    return epoch_order(step, global_batch, process_index, process_count,
+                       self.num_examples, self.permutation, cache)[0]
 
   def train_batches(self, start_step: int, global_batch: int, *,
                     process_index: int = 0, process_count: int = 1

@@ -83,7 +83,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
-from jaxperf.data.augment import local_batch_size
+from jaxperf.data.augment import epoch_order, local_batch_size
 from jaxperf.data.prefetch import Prefetcher
 from jaxperf.errors import ConfigError, DataError
 
@@ -314,19 +314,8 @@ class Kits19Source(abc.ABC):
     return index, epochs
 
   def _order(self, step, global_batch, process_index, process_count, cache):
-    local = local_batch_size(global_batch, process_count, process_index)
-    slots = (step * global_batch + process_index * local
-             + np.arange(local, dtype=np.int64))
-    epochs, positions = np.divmod(slots, self.num_examples)
-    index = np.empty_like(slots)
-    for e in np.unique(epochs).tolist():
-      if e not in cache:
-        for old in [k for k in cache if k < e]:
-          del cache[old]
-        cache[e] = self.permutation(e)
-      sel = epochs == e
-      index[sel] = cache[e][positions[sel]]
-    return index, epochs, slots
+    return epoch_order(step, global_batch, process_index, process_count,
+                       self.num_examples, self.permutation, cache)
 
   def sample(self, index: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """The augmented patch of case `index` at global slot `slot`: float32 and
