@@ -253,7 +253,10 @@ class Trainer:
       state, record = ckpt.restore(resume_step, abstract_sh)
       evals = list(record.get('evals', []))
       self.say(f'resumed from {ckpt.directory}/{resume_step} '
-               f'(step {resume_step}, epoch {sched.epoch_of(resume_step):.2f})')
+               f'(step {resume_step}, '
+               + (f'epoch {sched.epoch_of(resume_step):.2f})'
+                  if sched.unit == 'epochs' else
+                  f'{sched.epoch_of(resume_step):,.0f} {sched.unit})'))
     start_step = int(jax.device_get(state.step))
 
     # ---- compile ahead of time ----
@@ -500,7 +503,7 @@ class Trainer:
     metrics_log.close()
     self.say(f'run_stop: {status} after {step} steps '
              + (f'({sched.epoch_of(step):.2f} epochs) ' if sched.unit == 'epochs'
-                else f'({sched.epoch_of(step):,} {sched.unit}) ')
+                else f'({sched.epoch_of(step):,.0f} {sched.unit}) ')
              + f'in {_fmt_time(run_s)} '
              f'(run_start to run_stop); MLPerf log: {log_path}')
     return RunResult(status, step, sched.epoch_of(step), evals, run_s,
