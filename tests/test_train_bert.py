@@ -152,3 +152,22 @@ def test_checkpoint_with_missing_or_misshapen_tensor(tmp_path):
                          timeout=600, **ONE_DEVICE)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert name in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_sharded_run_resumes_on_another_mesh(tmp_path):
+  """Tensor-parallel training checkpoints; the run resumes fully sharded."""
+  workdir = tmp_path / 'run'
+  common = ['--model', 'bert', '--workdir', str(workdir), '--set',
+            'eval_interval_samples=640', '--set', 'checkpoint_every_steps=20',
+            '--set', 'seed=4']
+  eight = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = cli.run_train(*common, '--mesh', 'data=4,tensor=2', '--set',
+                       'max_steps=40', timeout=600, **eight)
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+  proc = cli.run_train(*common, '--mesh', 'fsdp=8', '--set', 'max_steps=60',
+                       timeout=600, **eight)
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert 'resumed from' in proc.stdout and '(step 40, 1,280 samples)' \
+      in proc.stdout
+  steps = [r['step'] for r in cli.read_metrics(workdir) if r['kind'] == 'train']
+  assert steps == list(range(1, 61))
