@@ -43,6 +43,27 @@ TRANSFORMER_RULES: Rules = {
 }
 
 
+def merge_rules(base: Rules, overrides: Mapping[str, Any] | None, *,
+                flag: str = 'rules') -> dict[str, tuple[str, ...]]:
+  """`base` with entries replaced by `overrides` ({name: axis, [axes] or
+  null}); unknown logical names or mesh axes are ConfigErrors."""
+  from jaxperf.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from jaxperf.sharding.mesh import KNOWN_AXES  # pylint: disable=g-import-not-at-top
+  rules = {k: tuple(v) for k, v in base.items()}
+  for name, axes in dict(overrides or {}).items():
+    if name not in rules:
+      raise ConfigError(f'{flag}: unknown logical axis {name!r}; known: '
+                        f'{sorted(rules)}')
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(
+        axes)
+    bad = [a for a in axes if a not in KNOWN_AXES]
+    if bad:
+      raise ConfigError(f'{flag}: {name!r} -> {bad}: unknown mesh axes; '
+                        f'known: {list(KNOWN_AXES)}')
+    rules[name] = axes
+  return rules
+
+
 def spec_for(names: Sequence[str | None], shape: Sequence[int] | None,
              mesh: Mesh, rules: Rules) -> P:
   """The PartitionSpec of an array with logical axis `names`."""

@@ -392,3 +392,22 @@ def test_init_checkpoint_loads_into_the_sharded_state(tmp_path, kind):
       cfg.to_dict(), init_checkpoint=str(tmp_path / 'nothing')))
   with pytest.raises(ConfigError, match='expected a TF checkpoint prefix'):
     Bert(bad).load_initial_weights(state, sh)
+
+
+def test_config_overrides_logical_axis_rules():
+  cfg = config_lib.load_config('bert', 'smoke', dict(
+      TINY, logical_axis_rules={'mlp': None, 'embed': ['fsdp', 'tensor']}))
+  w = Bert(cfg)
+  assert w.rules['mlp'] == () and w.rules['embed'] == ('fsdp', 'tensor')
+  mesh = mesh_lib.make_mesh('fsdp=4,tensor=2')
+  w.check_mesh(mesh)
+  w.setup(100)
+  sh = w.state_sharding(jax.eval_shape(
+      w.init_state, jax.random.key_data(jax.random.key(0))), mesh)
+  inter = sh.params['bert']['encoder_layer_0']['intermediate']['kernel'].spec
+  assert tuple(inter) == (('fsdp', 'tensor'), None)
+  for bad, msg in (({'mlpp': None}, "unknown logical axis 'mlpp'"),
+                   ({'mlp': 'model'}, 'unknown mesh axes')):
+    with pytest.raises(ConfigError, match=msg):
+      Bert(config_lib.load_config('bert', 'smoke',
+                                  dict(TINY, logical_axis_rules=bad)))

@@ -15,7 +15,8 @@ form (see models/bert.py); unpacked data is the one-sequence-per-row case, so
 packed and unpacked data train the same model with the same step.
 
 Sharding: parameters and activations carry logical axis names and
-`sharding.logical.TRANSFORMER_RULES` maps them onto the mesh, so `--mesh
+`sharding.logical.TRANSFORMER_RULES` (with the config's `logical_axis_rules`
+overriding entries) maps them onto the mesh, so `--mesh
 data=8`, `fsdp=8` or `data=2,tensor=4` choose data, fully sharded or tensor
 parallelism for the same program.
 """
@@ -100,6 +101,9 @@ class Bert(Workload):
           f'gradient_accumulation_steps={c.gradient_accumulation_steps}: '
           f'expected a positive divisor of global_batch_size='
           f'{c.global_batch_size}')
+    self.rules = logical.merge_rules(logical.TRANSFORMER_RULES,
+                                     c.logical_axis_rules,
+                                     flag='logical_axis_rules')
     self.mesh = None
     self.model = self._build_model(None)
     self._tx = None
@@ -114,7 +118,7 @@ class Bert(Workload):
     return bert_model.BertForPreTraining(
         cfg=self.model_cfg, dtype=_DTYPES[c.dtype],
         attention_impl=None if impl == 'xla' else impl,
-        shard=logical.activation_constraint(mesh, logical.TRANSFORMER_RULES))
+        shard=logical.activation_constraint(mesh, self.rules))
 
   # --- data --------------------------------------------------------------------
   def datasets(self, data_dir, seed):
@@ -232,9 +236,9 @@ class Bert(Workload):
     """Parameters and their optimizer moments sharded by their logical names;
     step, counters and rng replicated."""
     boxed = jax.eval_shape(self.boxed_params, jax.random.key(0))
-    param_sh = logical.tree_shardings(boxed, mesh, logical.TRANSFORMER_RULES)
+    param_sh = logical.tree_shardings(boxed, mesh, self.rules)
     opt_boxed = jax.eval_shape(self._tx.init, boxed)
-    opt_sh = logical.tree_shardings(opt_boxed, mesh, logical.TRANSFORMER_RULES)
+    opt_sh = logical.tree_shardings(opt_boxed, mesh, self.rules)
     rep = mesh_lib.replicated(mesh)
     sh = TrainState(step=rep, params=param_sh, model_state={},
                     opt_state=opt_sh, rng=rep)
