@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--compile-only', action='store_true',
                  help='build the state, compile the steps, report the compile '
                       'time and exit without training')
+  p.add_argument('--coordinator', default=None, metavar='HOST:PORT',
+                 help='multi-process run: process 0\'s address (also '
+                      'JAXPERF_COORDINATOR; SLURM and Open MPI are detected)')
+  p.add_argument('--num-processes', type=int, default=None,
+                 help='multi-process run: number of processes')
+  p.add_argument('--process-id', type=int, default=None,
+                 help='multi-process run: this process\'s id, 0..N-1')
+  p.add_argument('--init-timeout', type=int, default=None, metavar='S',
+                 help='seconds to wait for all processes to meet (default '
+                      '120)')
   p.add_argument('--print-config', action='store_true',
                  help='print the resolved config and exit')
   return p
@@ -110,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     if not args.model:
       raise UserError('--model is required (see --list for the workloads)')
+    from jaxperf import distributed
+    distributed.initialize(args.coordinator, args.num_processes,
+                           args.process_id, init_timeout_s=args.init_timeout)
     from jaxperf import config as config_lib, workloads
     from jaxperf.trainer import RunOptions, Trainer
     cls = workloads.get(args.model)

@@ -61,6 +61,28 @@ class _Preempted(Exception):
   pass
 
 
+def _batch_slice(sharding, global_shape, axis: int) -> tuple[int, int]:
+  """(index, count): this process holds batch rows [index * n / count,
+  (index + 1) * n / count) of an array of `global_shape` with `sharding`.
+
+  Usually index = process_index and count = process_count; when the batch is
+  not split over processes (say a spatial axis spans them instead) every
+  process reads the whole batch (0, 1).
+  """
+  n = global_shape[axis]
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(
+      tuple(global_shape)).values():
+    sl = index[axis]
+    rows.update(range(*sl.indices(n)))
+  lo, hi = min(rows), max(rows) + 1
+  size = hi - lo
+  if len(rows) != size or n % size or lo % size:
+    raise ValueError(f'this process holds batch rows {sorted(rows)} of {n}: '
+                     f'not one contiguous, evenly sized slice')
+  return lo // size, n // size
+
+
 def _short_list(values: list, head: int = 6) -> str:
   if len(values) <= 2 * head:
     return str(values)
@@ -136,6 +158,17 @@ class Trainer:
     def handler(signum, frame):  # pylint: disable=unused-argument
       self._stop_requested = True
     return signal.signal(signal.SIGTERM, handler)
+
+  def _stop_agreed(self) -> bool:
+    """Whether any process was asked to stop. With several processes the
+    flags are gathered (a small collective every process runs at the same
+    point of the loop), so all stop, and checkpoint, at the same step."""
+    if jax.process_count() == 1:
+      return self._stop_requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(
+        np.array([self._stop_requested], np.int32))
+    return bool(np.any(flags))
 
   # ---------------------------------------------------------------- run
   def run(self) -> RunResult:
@@ -324,13 +357,21 @@ class Trainer:
       with open(os.path.join(opts.workdir, 'config.yaml'), 'w') as f:
         f.write(config_lib.dump(cfg))
 
+    if jax.process_count() > 1:
+      # Start together: compile times differ between processes, and the
+      # first cross-process collective gives its peers only so long (gloo:
+      # 30 s) to show up.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('jaxperf: compiled')
     ml.end(C.INIT_STOP)
     ml.start(C.RUN_START)
     run_t0 = time.perf_counter()
 
     # ---- blocks between evaluations ----
     step = start_step
-    pidx, pcount = jax.process_index(), jax.process_count()
+    first_key = next(iter(spec_train))
+    pidx, pcount = _batch_slice(block_sh[first_key],
+                                (k,) + spec_train[first_key].shape, axis=1)
     batches = train_ds.train_batches(step, gbs, process_index=pidx,
                                      process_count=pcount)
     pending = None        # (first_step, n, device metrics) of the last call
@@ -441,7 +482,7 @@ class Trainer:
               and step < block_end:
             flush()
             save(step)
-          if self._stop_requested:
+          if self._stop_agreed():
             flush()
             save(step)
             ckpt.wait()
@@ -454,8 +495,11 @@ class Trainer:
           result = evaluator(state, eval_ds)
         else:
           sums = None
-          for batch in eval_ds.eval_batches(ebs, process_index=pidx,
-                                            process_count=pcount):
+          first_eval = next(iter(spec_eval))
+          eidx, ecount = _batch_slice(eval_sh[first_eval],
+                                      spec_eval[first_eval].shape, axis=0)
+          for batch in eval_ds.eval_batches(ebs, process_index=eidx,
+                                            process_count=ecount):
             arrays = {key_: jax.make_array_from_process_local_data(
                 eval_sh[key_], np.asarray(batch[key_]), spec_eval[key_].shape)
                       for key_ in spec_eval}
@@ -480,7 +524,7 @@ class Trainer:
         if reached:
           status = 'success'
           break
-        if self._stop_requested:
+        if self._stop_agreed():
           ckpt.wait()
           raise _Preempted()
     except _Preempted:
