@@ -116,6 +116,21 @@ def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
   return times
 
 
+def _time_jax_step(step: Callable, state: Any, *args: Any, warmup: int,
+                   repeats: int) -> tuple[float, list[float]]:
+  """(compile seconds, per-step seconds) of `step(state, *args) -> (state,
+  loss)`, jitted with the state donated and run from a copy of `state`."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, *args).compile()
+  compile_s = time.perf_counter() - t0
+  holder = [jax.tree.map(jnp.copy, state)]
+
+  def run():
+    holder[0], loss = compiled(holder[0], *args)
+    jax.block_until_ready(loss)
+  return compile_s, _timed(run, warmup, repeats)
+
+
 def machine() -> dict[str, Any]:
   """bench's machine description plus the devices, XLA flags and PyTorch."""
   from jaxperf.bench import machine_info  # pylint: disable=g-import-not-at-top
@@ -251,15 +266,8 @@ class ResNet50Pair:
     images, labels = jnp.asarray(self.images), jnp.asarray(self.labels)
     params = self.variables['params']
     state = (params, self.variables['batch_stats'], tx.init(params))
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels).compile()
-    compile_s = time.perf_counter() - t0
-    holder = [jax.tree.map(jnp.copy, state)]
-
-    def jax_step():
-      holder[0], loss = compiled(holder[0], images, labels)
-      jax.block_until_ready(loss)
-    j_times = _timed(jax_step, warmup, repeats)
+    compile_s, j_times = _time_jax_step(step, state, images, labels,
+                                        warmup=warmup, repeats=repeats)
 
     tm = copy.deepcopy(self.tmodel).train()
     x = self.timages
@@ -484,16 +492,8 @@ class Unet3DPair:
     images, labels = jnp.asarray(self.images), jnp.asarray(self.labels)
     params = self.variables['params']
     state = (params, tx.init(params))
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels
-                                                     ).compile()
-    compile_s = time.perf_counter() - t0
-    holder = [jax.tree.map(jnp.copy, state)]
-
-    def jax_step():
-      holder[0], loss = compiled(holder[0], images, labels)
-      jax.block_until_ready(loss)
-    j_times = _timed(jax_step, warmup, repeats)
+    compile_s, j_times = _time_jax_step(step, state, images, labels,
+                                        warmup=warmup, repeats=repeats)
 
     tm = copy.deepcopy(self.tmodel).train()
     x = self.timages
@@ -786,17 +786,9 @@ class BertPair:
     inputs, labels = self._inputs(), self._labels()
     params = self.variables['params']
     state = (params, tx.init(params))
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, inputs, labels
-                                                     ).compile()
-    compile_s = time.perf_counter() - t0
-    holder = [jax.tree.map(jnp.copy, state)]
-
-    def jax_step():
-      holder[0], loss = compiled(holder[0], inputs, labels)
-      jax.block_until_ready(loss)
-    j_times = _timed(jax_step, warmup, repeats)
-    del holder, state
+    compile_s, j_times = _time_jax_step(step, state, inputs, labels,
+                                        warmup=warmup, repeats=repeats)
+    del state
 
     tm = copy.deepcopy(self.tmodel).eval()    # eval: dropout off, as in JAX
     opt = torch.optim.AdamW(tm.parameters(), lr=lr, weight_decay=0.01)

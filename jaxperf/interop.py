@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxperf.data import tfrecord
 from jaxperf.errors import UserError
 
 
@@ -444,17 +445,7 @@ def _np_dtype(name: str) -> np.dtype:
   return np.dtype(name)
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-  result = shift = 0
-  while True:
-    b = buf[pos]
-    pos += 1
-    result |= (b & 0x7f) << shift
-    if b < 0x80:
-      return result, pos
-    shift += 7
-    if shift > 63:
-      raise ValueError('varint longer than 10 bytes')
+_varint = tfrecord._read_varint  # pylint: disable=protected-access
 
 
 def _proto_fields(buf: bytes) -> list[tuple[int, Any]]:
