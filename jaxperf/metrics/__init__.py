@@ -1,5 +1,6 @@
 """Evaluation metrics of the MLPerf workloads."""
 
+from jaxperf.metrics.auc import auc
 from jaxperf.metrics.segmentation import dice
 
-__all__ = ['dice']
+__all__ = ['auc', 'dice']
