@@ -189,3 +189,43 @@ def bert_decay_mask(params: Any) -> Any:
     names = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
     return not any('layer_norm' in n or 'bias' in n for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def dlrm_lr_schedule(base_lr: float, warmup_steps: int, decay_start_step: int,
+                     decay_steps: int, power: float = 2.0,
+                     min_lr: float = 1e-7) -> Schedule:
+  """The MLPerf DLRM reference's learning rate (its LRPolicyScheduler) at the
+  0-based optimizer step t.
+
+  The reference reads its scheduler's step count, s = t + 1, and gives
+      base_lr * s / warmup_steps                        while s < warmup_steps,
+      max(min_lr, base_lr * ((N - (s - D)) / N) ** power)  for D <= s < D + N,
+  with D = decay_start_step and N = decay_steps; any other step keeps the
+  last rate set, so between warmup and decay the rate stays at
+  base_lr * (warmup_steps - 1) / warmup_steps, and after the decay at
+  base_lr / N ** power. With no decay (N = 0) the rate outside warmup is
+  base_lr.
+  """
+  if decay_steps and decay_start_step < warmup_steps:
+    raise ValueError(f'the learning-rate decay (from step {decay_start_step})'
+                     f' must start after the warmup ({warmup_steps} steps)')
+  w, d, n = int(warmup_steps), int(decay_start_step), int(decay_steps)
+
+  def warm(s):
+    return base_lr * s / w if w else jnp.full_like(s, base_lr)
+
+  def decayed(s):
+    return jnp.maximum(min_lr, base_lr * ((n - (s - d)) / n) ** power)
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32) + 1.0
+    if not n:
+      return jnp.where(s < w, warm(s), base_lr) if w else jnp.full_like(
+          s, base_lr)
+    hold = warm(jnp.float32(max(w - 1, 0))) if w > 1 else jnp.float32(
+        base_lr if w == 0 else base_lr / w)
+    lr = jnp.where(s < w, warm(s), hold)
+    lr = jnp.where((s >= d) & (s < d + n), decayed(s), lr)
+    return jnp.where(s >= d + n, decayed(jnp.float32(d + n - 1)), lr)
+
+  return schedule

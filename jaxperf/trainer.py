@@ -336,7 +336,8 @@ class Trainer:
     peak = _peak_flops(jax.devices()[0])
     self.say(f'{w.name}: {mesh_lib.describe(mesh)}; global batch {gbs}; '
              + (f'{total_steps} steps ({train_epochs} epochs of '
-                f'{train_ds.num_examples}); evals after epochs {eval_epochs}; '
+                f'{train_ds.num_examples}); evals after epochs '
+                f'{_short_list(eval_epochs)}; '
                 if sched.unit == 'epochs' else
                 f'{total_steps} steps ({train_epochs} {sched.unit}); evals '
                 f'after {_short_list(eval_epochs)} {sched.unit}; ')
@@ -465,10 +466,10 @@ class Trainer:
         if block_end <= step:
           prev_epoch = epoch_end
           continue
-        first_epoch = max(prev_epoch + 1, int(sched.epoch_of(step)) + 1)
+        first_epoch, epoch_count = w.block_epochs(prev_epoch, epoch_end,
+                                                  sched.epoch_of(step))
         ml.start(C.BLOCK_START, metadata={
-            C.FIRST_EPOCH_NUM: first_epoch,
-            C.EPOCH_COUNT: epoch_end - first_epoch + 1})
+            C.FIRST_EPOCH_NUM: first_epoch, C.EPOCH_COUNT: epoch_count})
         while step < block_end:
           n = min(k, block_end - step)
           call = make_call(n)
@@ -490,7 +491,8 @@ class Trainer:
         flush()
 
         # ---- evaluation ----
-        ml.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch_end})
+        logged = w.logged_epoch(epoch_end)
+        ml.start(C.EVAL_START, metadata={C.EPOCH_NUM: logged})
         if evaluator is not None:
           result = evaluator(state, eval_ds)
         else:
@@ -507,8 +509,8 @@ class Trainer:
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
           result = w.eval_result(jax.device_get(sums))
         value = result[w.metric]
-        ml.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch_end})
-        ml.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: epoch_end})
+        ml.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: logged})
+        ml.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: logged})
         ml.end(C.BLOCK_STOP, metadata={C.FIRST_EPOCH_NUM: first_epoch})
         ev = {'kind': 'eval', 'step': step, 'epoch': epoch_end, **result}
         evals.append(ev)

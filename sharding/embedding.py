@@ -128,7 +128,7 @@ class ShardedEmbedding:
   """The tables of one model over one mesh: see the module docstring.
 
   Parameters are a dict {'tables': [total_rows, dim] split by rows over all
-  mesh axes, 'hot': [H, dim] replicated (H = 0 without hot rows)}.
+  mesh axes} plus, with hot rows, {'hot': [H, dim] replicated}.
   `hot_ids` are stacked row ids (sorted) in the layout of `layout`.
   """
 
@@ -179,8 +179,10 @@ class ShardedEmbedding:
     return len(self.layout.table_sizes)
 
   def shardings(self) -> dict[str, NamedSharding]:
-    return {'tables': NamedSharding(self.mesh, P(self.axes, None)),
-            'hot': NamedSharding(self.mesh, P())}
+    out = {'tables': NamedSharding(self.mesh, P(self.axes, None))}
+    if self.hot_ids.size:
+      out['hot'] = NamedSharding(self.mesh, P())
+    return out
 
   def _row_table(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(table index, valid) of stacked rows (padding rows are not valid)."""
@@ -202,12 +204,11 @@ class ShardedEmbedding:
     u = jax.random.uniform(key, (self.layout.total_rows, self.dim), self.dtype,
                            -1.0, 1.0)
     tables = jnp.where(valid[:, None], u * bound[:, None], 0).astype(self.dtype)
-    return {'tables': tables, 'hot': self._hot_from(tables)}
-
-  def _hot_from(self, tables: jax.Array) -> jax.Array:
     if not self.hot_ids.size:
-      return jnp.zeros((0, self.dim), self.dtype)
-    return jnp.take(tables, jnp.asarray(self.hot_ids, jnp.int32), axis=0)
+      return {'tables': tables}
+    return {'tables': tables,
+            'hot': jnp.take(tables, jnp.asarray(self.hot_ids, jnp.int32),
+                            axis=0)}
 
   def from_tables(self, tables: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Host parameters from per-table arrays (e.g. interop.from_torch)."""
@@ -221,9 +222,9 @@ class ShardedEmbedding:
       if table.shape != want:
         raise ValueError(f'table {t}: shape {table.shape}, expected {want}')
       stacked[off:off + want[0]] = table
-    hot = stacked[self.hot_ids] if self.hot_ids.size else np.zeros(
-        (0, self.dim), np.float32)
-    return {'tables': stacked, 'hot': hot}
+    if not self.hot_ids.size:
+      return {'tables': stacked}
+    return {'tables': stacked, 'hot': stacked[self.hot_ids]}
 
   def merged(self, params: dict[str, jax.Array]) -> jax.Array:
     """The stacked tables with the replicated hot rows written in."""
@@ -312,9 +313,10 @@ class ShardedEmbedding:
         out_specs=(self._spec(k), self._spec(k + 1)),
         check_vma=False)(tables, ids)
 
-  def combine(self, rows: jax.Array, hot: jax.Array,
+  def combine(self, rows: jax.Array, hot: jax.Array | None,
               route: dict[str, jax.Array]) -> jax.Array:
-    """Rows in the owners' layout (+ the hot table) -> embeddings [B, T, D]
+    """Rows in the owners' layout (+ the hot table, None without hot rows)
+    -> embeddings [B, T, D]
     of each device's own samples. Linear in rows and hot, so its transpose
     takes the embeddings' gradients back to the owners."""
     lay = self.layout
@@ -347,7 +349,7 @@ class ShardedEmbedding:
              ) -> jax.Array:
     route = self.route(sparse)
     _, rows = self.gather(params['tables'], route)
-    return self.combine(rows, params['hot'], route)
+    return self.combine(rows, params.get('hot'), route)
 
   def sgd_update(self, tables: jax.Array, owner_ids: jax.Array,
                  row_grads: jax.Array, lr: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ _REGISTRY = {
     'resnet50': 'jaxperf.workloads.resnet:ResNet50',
     'unet3d': 'jaxperf.workloads.unet3d:UNet3D',
     'bert': 'jaxperf.workloads.bert:Bert',
+    'dlrm': 'jaxperf.workloads.dlrm:DLRM',
 }
 ALIASES = {'resnet': 'resnet50'}
 

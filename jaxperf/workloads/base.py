@@ -189,6 +189,19 @@ class Workload(abc.ABC):
   def initialized_tensors(self, state: TrainState) -> list[str]:
     """The tensor names the weights_initialization events carry."""
 
+  def logged_epoch(self, epoch: float) -> float:
+    """The epoch_num the MLPerf log gives an evaluation after `epoch`
+    epochs (in the Schedule's unit)."""
+    return epoch
+
+  def block_epochs(self, prev_epoch: float, epoch_end: float,
+                   epoch_at_step: float) -> tuple[float, float]:
+    """(first_epoch_num, epoch_count) of the block that trains from
+    the evaluation at prev_epoch (or a resume at epoch_at_step) to
+    epoch_end: by default whole epochs numbered from 1."""
+    first = max(prev_epoch + 1, int(epoch_at_step) + 1)
+    return first, epoch_end - first + 1
+
   def eval_epochs(self, train_epochs: int) -> list[int]:
     """Epoch numbers (from 1) after which to evaluate."""
     every = int(self.config.eval_every_epochs)
