@@ -279,7 +279,18 @@ class Trainer:
     ml.event(C.EVAL_SAMPLES, eval_ds.num_examples)
 
     evals: list[dict[str, Any]] = []
+    layout = w.state_layout()
     if resume_step is not None:
+      saved = record.get('state_layout')
+      if layout is not None and saved is not None and saved != layout:
+        differ = sorted(k for k in set(saved) | set(layout)
+                        if saved.get(k) != layout.get(k))
+        raise ConfigError(
+            f'{ckpt.directory}/{resume_step}: the checkpoint was written for '
+            f'another state layout ({", ".join(f"{k}: {saved.get(k)}" for k in differ)}'
+            f'; this run: {", ".join(f"{k}: {layout.get(k)}" for k in differ)}). '
+            f'Resume with the --mesh and options it was written with, or '
+            f'use a new --workdir.')
       abstract_sh = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract, state_sh)
@@ -454,6 +465,7 @@ class Trainer:
     def save(step_: int):
       nonlocal last_ckpt_step
       ckpt.save(step_, state, {'seed': seed, 'evals': evals,
+                               'state_layout': layout,
                                'epoch': sched.epoch_of(step_),
                                'workload': w.name,
                                'config': cfg.to_dict()})

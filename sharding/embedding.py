@@ -52,6 +52,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MODES = ('row', 'table')
+ROW_QUANTUM = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +90,12 @@ def make_layout(table_sizes: Sequence[int], num_shards: int,
     raise ValueError(f'num_shards={num_shards}: expected >= 1')
   if mode == 'row':
     offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-    rows = max(1, -(-sum(sizes) // num_shards))
-    return Layout(sizes, num_shards, mode, offsets, rows)
+    # The stack is padded to a multiple of ROW_QUANTUM rows (and of the
+    # device count), so any device count dividing it sees the same stack and
+    # a checkpoint resumes on another mesh.
+    quantum = math.lcm(ROW_QUANTUM, num_shards)
+    total = max(1, -(-sum(sizes) // quantum)) * quantum
+    return Layout(sizes, num_shards, mode, offsets, total // num_shards)
   load = [0] * num_shards
   members: list[list[int]] = [[] for _ in range(num_shards)]
   for t in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):
@@ -238,6 +243,17 @@ class ShardedEmbedding:
     stacked = np.asarray(jax.device_get(self.merged(params)))
     return [stacked[o:o + n] for o, n in zip(self.layout.offsets,
                                              self.layout.table_sizes)]
+
+  def signature(self) -> dict[str, Any]:
+    """What a checkpoint of these parameters depends on: the stack's shape
+    and order, and the hot set."""
+    sig = {'layout': self.layout.mode, 'stacked_rows': self.layout.total_rows,
+           'hot_rows': int(self.hot_ids.size),
+           'hot_ids_checksum': int(np.sum(self.hot_ids * 2654435761
+                                          % 1000003) % 1000003)}
+    if self.layout.mode == 'table':
+      sig['devices'] = self.num_shards
+    return sig
 
   # --- lookups ------------------------------------------------------------------
   def route(self, sparse: jax.Array) -> dict[str, jax.Array]:

@@ -137,8 +137,10 @@ def test_table_init_follows_the_reference_bounds():
 
 def test_layouts():
   row = emb_lib.make_layout([10, 7, 3], 4, 'row')
-  assert row.offsets == (0, 10, 17) and row.rows_per_shard == 5
-  assert row.padding_rows == 0
+  assert row.offsets == (0, 10, 17) and row.rows_per_shard == 256
+  assert row.padding_rows == 1004           # the stack is 1024 rows
+  assert emb_lib.make_layout([10, 7, 3], 1, 'row').total_rows == 1024
+  assert emb_lib.make_layout([10, 7, 3], 6, 'row').total_rows == 3072
   table = emb_lib.make_layout([10, 7, 3, 2, 9], 2, 'table')
   # Largest first onto the least loaded device: 10 -> 0, 9 -> 1, 7 -> 1,
   # 3 -> 0, 2 -> 0; each block padded to the larger load (16).
@@ -147,7 +149,7 @@ def test_layouts():
   with pytest.raises(ValueError, match='layout'):
     emb_lib.make_layout([3], 2, 'column')
   crit = emb_lib.make_layout(dlrm_model.CRITEO_1TB_TABLE_SIZES, 8, 'row')
-  assert crit.rows_per_shard == 23_470_925
+  assert crit.rows_per_shard == 23_470_976   # 187,767,399 -> x1024
 
 
 @pytest.mark.parametrize('n', [1, 8])

@@ -133,6 +133,13 @@ class Workload(abc.ABC):
     del shardings
     return state
 
+  def state_layout(self) -> dict[str, Any] | None:
+    """What the state's shapes depend on beyond the config (e.g. how
+    tables are stacked for this mesh), saved with checkpoints: a resume whose
+    layout differs is refused with a message instead of failing to load.
+    None: nothing beyond the config."""
+    return None
+
   def check_mesh(self, mesh: Mesh) -> None:
     """Called with the run's mesh before the state is built: reject a mesh
     the workload cannot use (ConfigError) or adapt to it."""

@@ -19,6 +19,7 @@ is what the RCP checker reads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,23 +85,26 @@ class DLRM(Workload):
       sizes = _ints('table_sizes', c.table_sizes)
     if self.max_ind_range > 0:
       sizes = tuple(min(s, self.max_ind_range) for s in sizes)
+    if float(c.poly_power) != 2:
+      raise ConfigError(f'poly_power={c.poly_power}: the rules fix the decay '
+                        f'power at 2')
+    self._set_table_sizes(sizes)
+    self.mesh = None
+    self.emb: emb_lib.ShardedEmbedding | None = None
+    self._train_ds = None
+    self._lr = None
+
+  def _set_table_sizes(self, sizes) -> None:
+    c = self.config
     try:
       self.model_cfg = dlrm_model.DLRMConfig(
-          table_sizes=sizes, num_dense=NUM_DENSE,
+          table_sizes=tuple(int(n) for n in sizes), num_dense=NUM_DENSE,
           embed_dim=int(c.embed_dim),
           bottom_mlp=_ints('bottom_mlp', c.bottom_mlp),
           top_mlp=_ints('top_mlp', c.top_mlp))
     except ValueError as e:
       raise ConfigError(f'model config: {e}') from None
-    if float(c.poly_power) != 2:
-      raise ConfigError(f'poly_power={c.poly_power}: the rules fix the decay '
-                        f'power at 2')
-    self.model = dlrm_model.DenseArch(self.model_cfg,
-                                      dtype=_DTYPES[c.dtype])
-    self.mesh = None
-    self.emb: emb_lib.ShardedEmbedding | None = None
-    self._train_ds = None
-    self._lr = None
+    self.model = dlrm_model.DenseArch(self.model_cfg, dtype=_DTYPES[c.dtype])
 
   # --- data --------------------------------------------------------------------
   def datasets(self, data_dir, seed):
@@ -112,6 +116,12 @@ class DLRM(Workload):
           int(c.synthetic_train_samples), int(c.synthetic_eval_samples),
           table_sizes=sizes, seed=seed)
     else:
+      if c.table_sizes is None:
+        # As the reference: the tables take the row counts of the data's
+        # counts file (capped at max_ind_range).
+        counts = criteo.read_counts(os.path.join(data_dir, c.counts_file))
+        sizes = tuple(criteo.capped_table_sizes(counts, self.max_ind_range))
+        self._set_table_sizes(sizes)
       train, eval_ = criteo.open_criteo(
           data_dir, table_sizes=sizes, max_ind_range=self.max_ind_range,
           seed=seed, train_file=c.train_file, eval_file=c.eval_file,
@@ -182,6 +192,9 @@ class DLRM(Workload):
     sparse = self.bench_batch(int(c.global_batch_size), 0)['sparse']
     return [np.bincount(sparse[:, t], minlength=n)
             for t, n in enumerate(self.model_cfg.table_sizes)]
+
+  def state_layout(self):
+    return self.emb.signature()
 
   def train_length(self):
     return float(self.config.train_epochs)
