@@ -95,6 +95,7 @@ def resolve_config(args: argparse.Namespace, platform_name: str,
   if args.config is None:
     if platform_name == 'cpu':
       overrides.update(_CPU_DEFAULTS)
+      overrides.update(cls.bench_cpu_overrides)
     else:
       scales = config_lib.scale_names(cls.name)
       for guess in (f'{device_count}gpu', '1gpu'):
@@ -327,7 +328,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
   state = jax.jit(workload.init_state, out_shardings=state_sh)(rng)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  params = workload.count_params(state.params)
 
   # One batch, generated on the devices.
   spec = workload.batch_spec(gbs, train=True)
@@ -441,6 +442,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
       'peak_memory_bytes_per_device': memory['peak_bytes_per_device'],
       'memory_limit_bytes_per_device': memory['bytes_limit_per_device'],
       'compiled_memory_bytes': _compiled_memory(compiled),
+      'workload_info': workload.bench_info(),
       'machine': machine,
       'timestamp_utc': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%dT%H:%M:%SZ'),
@@ -510,6 +512,21 @@ def summary(r: dict[str, Any]) -> str:
        if cm else 'n/a'),
       ('final loss', f'{r["final_loss"]:.4f}'),
   ]
+  info = r.get('workload_info') or {}
+  if 'embedding_bytes_rows_read' in info:
+    per = (info['embedding_bytes_rows_read']
+           + info['embedding_bytes_rows_updated'])
+    moved = info['embedding_bytes_exchanged']
+    rate = r['samples_per_s']
+    rows.append(('embeddings', (
+        f'{info["embedding_layout"]} layout, {info["hot_rows"]:,} hot rows '
+        f'({info["replicated_tables"]} tables wholly replicated), '
+        f'{info["embedding_rows_per_device"]:,} stacked rows per device')))
+    rows.append(('embedding traffic', (
+        f'{_bytes(int(per))} per sample read+written in tables, '
+        f'{_bytes(int(moved))} per sample between devices; at '
+        f'{rate:,.0f} samples/s: {_si(per * rate, "B/s")} table traffic, '
+        f'{_si(moved * rate, "B/s")} exchanged')))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 

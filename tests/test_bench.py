@@ -148,6 +148,34 @@ def test_default_config_on_cpu_is_full_size_at_batch_16_in_f32():
   assert (cfg.scale, cfg.global_batch_size) == ('1gpu', 64)
 
 
+def test_dlrm_reports_embedding_traffic(tmp_path):
+  """DLRM on 8 devices, whole tables per device with hot rows: the
+  parameter count leaves out the stack's padding and the hot copies, and
+  the embedding traffic per sample is reported."""
+  out = tmp_path / 'dlrm.json'
+  proc = _bench('--model', 'dlrm', '--config', 'smoke', '--steps', '2',
+                '--warmup', '1', '--peak-tflops', '0.02', '--set',
+                'embedding_layout=table', '--set', 'hot_rows=300', '--json',
+                str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert 'embedding traffic' in proc.stdout
+  with open(out) as f:
+    r = json.load(f)
+  cfg = config_lib.load_config('dlrm', 'smoke')
+  from jaxperf.models import dlrm
+  sizes = [min(n, cfg.max_ind_range) for n in dlrm.CRITEO_1TB_TABLE_SIZES]
+  mlp = dlrm.mlp_param_count(dlrm.DLRMConfig(
+      table_sizes=tuple(sizes), embed_dim=16, bottom_mlp=(64, 32, 16),
+      top_mlp=(64, 64, 32, 16, 1)))
+  assert r['param_count'] == sum(sizes) * 16 + mlp
+  info = r['workload_info']
+  assert info['embedding_layout'] == 'table' and info['hot_rows'] == 300
+  # 16 floats per row: 26 rows read, 26 read and written per sample.
+  assert info['embedding_bytes_rows_read'] == 26 * 64
+  assert info['embedding_bytes_rows_updated'] == 2 * 26 * 64
+  assert 0 < info['embedding_bytes_exchanged'] < 2 * 7 * 26 * 64
+
+
 def test_step_stats():
   s = bench.step_stats([4.0, 1.0, 3.0, 2.0, 5.0])
   assert (s['median'], s['mean'], s['min'], s['max']) == (3.0, 3.0, 1.0, 5.0)
@@ -161,7 +189,9 @@ def test_committed_results_are_complete():
     if r.get('flops_source') != 'xla_cost_analysis':
       continue  # not a bench file
     # Full-size ResNet-50 and BERT-large; the 3D U-Net files are its smoke width.
-    want = {'resnet50': 25_557_032, 'unet3d': 1_951_163, 'bert': 336_226_108}
+    # DLRM's files: every layer at full width, tables capped at 100k rows.
+    want = {'resnet50': 25_557_032, 'unet3d': 1_951_163, 'bert': 336_226_108,
+            'dlrm': 120_278_017}
     assert r['param_count'] == want[r['model']], path
     assert r['step_time_s'] > 0 and r['flops_per_step'] > 0, path
     assert 0 < r['mfu'] <= 1, path

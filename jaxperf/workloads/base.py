@@ -84,6 +84,10 @@ class Workload(abc.ABC):
   metric: str               # the quality metric's key in eval results
   higher_is_better: bool = True
   description: str = ''
+  # Config overrides jaxperf.bench applies on a CPU when no --config is
+  # given (after its own: batch 16, float32), for workloads whose full size
+  # cannot run there.
+  bench_cpu_overrides: dict[str, Any] = {}
 
   def __init__(self, config: Config):
     self.config = config
@@ -181,6 +185,16 @@ class Workload(abc.ABC):
     batch_spec would not be a valid input; None: random arrays."""
     del global_batch, seed
     return None
+
+  def bench_info(self) -> dict[str, Any]:
+    """Workload-specific numbers jaxperf.bench records with its results
+    (e.g. DLRM's embedding bytes per sample); by default none."""
+    return {}
+
+  def count_params(self, params: Any) -> int:
+    """The model's parameter count from the state's parameters (a
+    workload whose state pads or duplicates parameters says so here)."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))
 
   def flops_per_example(self) -> float | None:
     """Training FLOPs per example by formula (forward + backward matmuls),
