@@ -70,14 +70,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list(out) -> None:
   from jaxperf import config as config_lib, workloads
-  print(f'{"model":<12} {"MLPerf name":<12} {"metric":<16} {"target":<8} '
+  print(f'{"model":<12} {"MLPerf name":<12} {"metric":<19} {"target":<9} '
         f'scales', file=out)
   for name in workloads.names():
     cls = workloads.get(name)
     cfg = config_lib.load_config(name)
     w = cls(cfg)
     op = '>=' if w.higher_is_better else '<='
-    print(f'{name:<12} {w.benchmark:<12} {w.metric:<16} {op}{w.target:<6} '
+    print(f'{name:<12} {w.benchmark:<12} {w.metric:<19} {op}{w.target:<7} '
           f'{", ".join(config_lib.scale_names(name))}', file=out)
 
 
