@@ -1,4 +1,4 @@
-"""python -m jaxperf.compare: JAX vs PyTorch (resnet50, unet3d, bert).
+"""python -m jaxperf.compare: JAX vs PyTorch (resnet50, unet3d, bert, dlrm).
 
 Builds the PyTorch reference model, copies its weights into the jaxperf model
 (jaxperf.interop), runs both on the same batch in float32 and reports:
@@ -45,6 +45,37 @@ dependency too. In float32 the logits agree to ~2e-6 (max_rel) and the
 gradients to ~1e-5 or better (norm_rel); see BertPair and
 tests/test_parity_bert.py. bert compares in f32 only: the model computes its
 logits in float32 whatever its dtype.
+
+--model dlrm compares models/dlrm.py (DenseArch, with the tables as
+arrays looked up by jnp.take) with jaxperf.torch_models.dlrm (the MLPerf
+reference's DLRM_Net: EmbeddingBag tables with sparse gradients, BCELoss on
+the sigmoid output) on a random batch of `--batch` rows (default 2048, the
+reference's): dense features log(1 + count) of random counts, one uniform
+row index per table, random clicks (see dlrm_batch). Compared: click
+probabilities and logits, the loss, the gradient of every MLP tensor and,
+per table, of the rows the batch touches. The timed step is plain SGD at
+the reference's learning rate 1.0: torch.optim.SGD with the sparse table
+gradients, and in JAX the MLP update plus a scatter-add of the looked-up
+rows' gradients into the tables. `--tables N` caps the 26 Criteo 1TB tables
+at N rows each, as the reference's --max-ind-range does (default 100000:
+921,165 rows, 0.47 GB of float32 per framework); `--tables a,b,...` gives
+the row counts; `--tables criteo` the full tables (187,767,399 rows, 96 GB
+per framework, and more for the gradients: not for a small machine).
+`--embed-dim` (default 128) is also the bottom MLP's output width; the MLPs
+are the reference's. At the defaults on a 2-core CPU (float32; other work
+was sharing the machine, so the times are rough): probabilities agree to
+1.5e-7 and the loss to 1.4e-7 (max_rel); gradients to 2.0e-4 (norm_rel,
+median; 2.8e-4 worst) for the MLP tensors and 1.8e-3 (median; 3.9e-3
+worst) for the tables' touched rows. That is not rounding accumulating:
+two ReLU inputs lie within float32 rounding of zero, and PyTorch's float32
+forward puts them on the other side than a float64 one does, which changes
+those samples' gradients outright; against PyTorch in float64, the JAX
+float32 gradients agree to 6e-7 (worst) and PyTorch's own float32 ones are
+off by the numbers above. With `--precision f64` (batch 256, --tables 1000)
+the gradients agree to ~3e-8, the float32 logits that DenseArch returns
+being the limit. One step took ~150-180 ms in JAX (compile ~1.2 s) and
+~210-220 ms in PyTorch (2 threads). tests/test_parity_dlrm.py checks float32
+parity on batches without such inputs (gradients to ~1e-6).
 
 Errors: max_abs = max |jax - torch|; max_rel = max_abs / max |torch|;
 norm_rel = ||jax - torch|| / ||torch||.
@@ -806,7 +837,239 @@ class BertPair:
             'speed_ratio_jax_over_torch': tt / jt}
 
 
-PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair, 'bert': BertPair}
+# ---------------------------------------------------------------- dlrm
+
+# The reference's MLPerf run: batch 2048, plain SGD at learning rate 1.0
+# (bench/run_and_time.sh; the warm-up and decay schedule aside).
+DLRM_BATCH = 2048
+DLRM_LR = 1.0
+# Rows per table by default: the Criteo 1TB tables capped at this many, as
+# the reference's --max-ind-range caps them (at 40,000,000 in MLPerf).
+DLRM_TABLE_CAP = 100_000
+
+
+def dlrm_table_sizes(tables: int | str | Sequence[int] = DLRM_TABLE_CAP
+                     ) -> tuple[int, ...]:
+  """Row counts from --tables: N caps the 26 Criteo 1TB tables at N rows
+  each, 'criteo' keeps them whole, a sequence gives the counts as is."""
+  from jaxperf.models import dlrm  # pylint: disable=g-import-not-at-top
+  if isinstance(tables, str):
+    if tables.strip().lower() == 'criteo':
+      return tuple(dlrm.CRITEO_1TB_TABLE_SIZES)
+    values = _ints('--tables', tables)
+    tables = values[0] if len(values) == 1 else values
+  if isinstance(tables, (int, np.integer)):
+    if tables < 1:
+      raise UserError(f'--tables {tables}: the row cap must be >= 1')
+    return tuple(min(int(n), int(tables))
+                 for n in dlrm.CRITEO_1TB_TABLE_SIZES)
+  sizes = tuple(int(n) for n in tables)
+  if not sizes or min(sizes) < 1:
+    raise UserError(f'--tables {",".join(map(str, sizes))}: expected '
+                    f'positive row counts')
+  return sizes
+
+
+def dlrm_batch(*, batch: int, table_sizes: Sequence[int], num_dense: int = 13,
+               seed: int = 0) -> dict[str, np.ndarray]:
+  """A random Criteo-like batch: dense [B, 13] float32, the log(1 + count)
+  of random counts as the reference's loader transforms them; sparse
+  [B, T] int32, one row index per table, uniform over its rows; labels [B]
+  float32 clicks."""
+  rng = np.random.default_rng(seed)
+  counts = rng.geometric(0.02, (batch, num_dense)) - 1
+  return {'dense': np.log1p(counts).astype(np.float32),
+          'sparse': np.stack([rng.integers(0, n, batch) for n in table_sizes],
+                             axis=1).astype(np.int32),
+          'labels': rng.integers(0, 2, batch).astype(np.float32)}
+
+
+def dlrm_lookup(tables: Sequence[jax.Array], sparse: jax.Array) -> jax.Array:
+  """[B, T] indices -> [B, T, D]: row sparse[:, t] of each table t."""
+  return jnp.stack([jnp.take(table, sparse[:, t], axis=0)
+                    for t, table in enumerate(tables)], axis=1)
+
+
+class DLRMPair:
+  """jaxperf.torch_models.dlrm.DLRM and models/dlrm.py, same weights.
+
+  `tables` is a row cap for the Criteo tables, 'criteo' or row counts (see
+  dlrm_table_sizes); the MLPs are the reference's, the bottom one ending in
+  `embed_dim`. precision 'f64' runs both in float64 (needs
+  jax_enable_x64), except the float32 logits that DenseArch returns.
+
+  The PyTorch side is the reference's DLRM_Net (EmbeddingBag tables with
+  sparse gradients, BCELoss on the sigmoid output); the JAX side is
+  DenseArch on rows looked up with jnp.take, the loss the same binary
+  cross-entropy computed from the logits. Compared: probabilities and
+  logits, the loss, the gradient of every MLP tensor and, per table, of the
+  rows the batch touches (PyTorch's coalesced sparse gradient against those
+  rows of JAX's gradient of the whole table). The timed step is plain SGD
+  (the reference's) in both: PyTorch's torch.optim.SGD with the sparse
+  table gradients, JAX's a scatter-add of the looked-up rows' gradients
+  into the tables.
+  """
+
+  name = 'dlrm'
+
+  def __init__(self, *, batch: int = DLRM_BATCH,
+               tables: int | str | Sequence[int] = DLRM_TABLE_CAP,
+               embed_dim: int = 128, seed: int = 0, precision: str = 'f32'):
+    torch = _torch_only()
+    from jaxperf.models import dlrm  # pylint: disable=g-import-not-at-top
+    from jaxperf.torch_models import dlrm as torch_dlrm  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.torch_dlrm = torch_dlrm
+    if batch < 1 or embed_dim < 1:
+      raise UserError('--batch and --embed-dim must be >= 1')
+    f64 = precision == 'f64'
+    if f64 and not jax.config.jax_enable_x64:
+      raise UserError('f64 comparison needs jax_enable_x64 (set by '
+                      '`python -m jaxperf.compare --precision f64`)')
+    dtype = np.float64 if f64 else np.float32
+    table_sizes = dlrm_table_sizes(tables)
+    bottom = dlrm.MLPERF.bottom_mlp[:-1] + (embed_dim,)
+    self.cfg = dlrm.DLRMConfig(table_sizes=table_sizes, embed_dim=embed_dim,
+                               bottom_mlp=bottom)
+    torch.manual_seed(seed)
+    self.tmodel = torch_dlrm.DLRM(table_sizes, embed_dim=embed_dim,
+                                  bottom=bottom, top=self.cfg.top_mlp,
+                                  num_dense=self.cfg.num_dense, sparse=True)
+    if f64:
+      self.tmodel = self.tmodel.double()
+    self.jmodel = dlrm.DenseArch(self.cfg, dtype=dtype)
+    variables = interop.from_torch(self.name, self.tmodel.state_dict())
+    self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype),
+                               variables['params'])
+    self.tables = [jnp.asarray(t, dtype) for t in variables['tables']]
+    self.batch = dlrm_batch(batch=batch, table_sizes=table_sizes,
+                            num_dense=self.cfg.num_dense, seed=seed)
+    for key in ('dense', 'labels'):
+      self.batch[key] = self.batch[key].astype(dtype)
+    self.tbatch = {'dense': torch.from_numpy(self.batch['dense']),
+                   'sparse': torch.from_numpy(
+                       self.batch['sparse'].astype(np.int64)),
+                   'labels': torch.from_numpy(self.batch['labels'])}
+    rows = int(sum(table_sizes))
+    self.settings = {
+        'num_tables': len(table_sizes), 'table_rows': rows,
+        'table_sizes': list(table_sizes), 'embed_dim': embed_dim,
+        'bottom_mlp': list(bottom), 'top_mlp': list(self.cfg.top_mlp),
+        'tables_gb': rows * embed_dim * np.dtype(dtype).itemsize / 1e9,
+        'num_params': dlrm.param_count(self.cfg),
+        'mlp_params': dlrm.mlp_param_count(self.cfg),
+        'touched_rows': int(sum(len(np.unique(self.batch['sparse'][:, t]))
+                                for t in range(len(table_sizes))))}
+
+  # --- the JAX side ---
+  def jax_loss(self, params, tables, dense, sparse, labels):
+    # DenseArch returns float32 logits; f64 runs take the loss in float64.
+    logits = self.jmodel.apply({'params': params}, dense,
+                               dlrm_lookup(tables, sparse)).astype(labels.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
+
+  def _inputs(self):
+    return tuple(jnp.asarray(self.batch[k])
+                 for k in ('dense', 'sparse', 'labels'))
+
+  def torch_loss(self, model):
+    t = self.tbatch
+    return self.torch_dlrm.bce_loss(model(t['dense'], t['sparse']),
+                                    t['labels'])
+
+  def parity(self) -> dict[str, Any]:
+    torch, t = self.torch, self.tbatch
+    (j_loss, j_logits), (j_gparams, j_gtables) = jax.jit(jax.value_and_grad(
+        self.jax_loss, argnums=(0, 1), has_aux=True))(
+            self.params, self.tables, *self._inputs())
+    tm = copy.deepcopy(self.tmodel).train()
+    t_logits = tm.logits(t['dense'], t['sparse'])
+    t_probs = torch.sigmoid(t_logits)
+    t_loss = self.torch_dlrm.bce_loss(t_probs, t['labels'])
+    t_loss.backward()
+    # The tables' values stand in for their (sparse) gradients: only the
+    # MLP gradients are read from this tree.
+    grads_sd = {k: (v.grad if k.startswith(('bot_l', 'top_l')) else v)
+                for k, v in tm.named_parameters()}
+    t_gparams = interop.from_torch(self.name, grads_sd)['params']
+    j_rows, t_rows = {}, {}
+    for i, emb in enumerate(tm.emb_l):
+      g = emb.weight.grad
+      if g.is_sparse:
+        g = g.coalesce()
+        rows, values = g.indices()[0].numpy(), g.values().numpy()
+      else:
+        rows = np.unique(self.batch['sparse'][:, i])
+        values = g.numpy()[rows]
+      t_rows[str(i)] = values
+      j_rows[str(i)] = np.asarray(j_gtables[i])[rows]
+    grads = _grad_errors({**j_gparams, 'tables': j_rows},
+                         {**t_gparams, 'tables': t_rows})
+    tables = [e['norm_rel'] for k, e in grads['per_param'].items()
+              if k.startswith('tables/')]
+    mlp = [e['norm_rel'] for k, e in grads['per_param'].items()
+           if not k.startswith('tables/')]
+    grads.update(tables_worst_norm_rel=max(tables),
+                 tables_median_norm_rel=float(np.median(tables)),
+                 mlp_worst_norm_rel=max(mlp),
+                 mlp_median_norm_rel=float(np.median(mlp)))
+    return {
+        'probabilities': errors(np.asarray(jax.nn.sigmoid(j_logits)),
+                                t_probs.detach().numpy()),
+        'logits': errors(np.asarray(j_logits), t_logits.detach().numpy()),
+        'loss': {'jax': float(j_loss), 'torch': float(t_loss.detach()),
+                 **errors(np.asarray(j_loss), t_loss.detach().numpy())},
+        'grads': grads,
+        'outputs_note': 'no dropout or batch statistics: training and '
+                        'evaluation compute the same function; table '
+                        'gradients compared on the rows the batch touches',
+    }
+
+  def timing(self, warmup: int, repeats: int, lr: float = DLRM_LR
+             ) -> dict[str, Any]:
+    torch = self.torch
+    tx = optax.sgd(lr)
+
+    def step(state, dense, sparse, labels):
+      params, tables = state
+
+      def loss_fn(params, emb):
+        logits = self.jmodel.apply({'params': params}, dense, emb)
+        return optax.sigmoid_binary_cross_entropy(
+            logits.astype(labels.dtype), labels).mean()
+      loss, (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+          params, dlrm_lookup(tables, sparse))
+      updates, _ = tx.update(g_params, tx.init(params), params)
+      # Sparse SGD: only the looked-up rows change (repeated rows add up).
+      tables = [table.at[sparse[:, t]].add(-lr * g_emb[:, t])
+                for t, table in enumerate(tables)]
+      return (optax.apply_updates(params, updates), tables), loss
+
+    state = (self.params, self.tables)
+    compile_s, j_times = _time_jax_step(step, state, *self._inputs(),
+                                        warmup=warmup, repeats=repeats)
+    del state
+
+    tm = copy.deepcopy(self.tmodel).train()
+    opt = torch.optim.SGD(tm.parameters(), lr=lr)
+
+    def torch_step():
+      opt.zero_grad(set_to_none=True)
+      self.torch_loss(tm).backward()
+      opt.step()
+    t_times = _timed(torch_step, warmup, repeats)
+    jt, tt = statistics.median(j_times), statistics.median(t_times)
+    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                    'step_times_s': j_times},
+            'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                      'sparse_grads': True,
+                      'threads': torch.get_num_threads()},
+            'lr': lr,
+            'speed_ratio_jax_over_torch': tt / jt}
+
+
+PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair, 'bert': BertPair,
+         'dlrm': DLRMPair}
 # Command-line defaults per image model: batch, image size, classes.
 _DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3)}
 # bert's: batch, sequence length.
@@ -828,14 +1091,15 @@ def compare(model: str, *, batch: int,
   `image_size` may be (D, H, W) for it. bert takes no image_size,
   num_classes, channels_last or wgrad; its options are BertPair's
   (seq_len, num_layers, hidden_size, num_heads, intermediate_size,
-  vocab_size, max_predictions).
+  vocab_size, max_predictions). Nor does dlrm; its options are DLRMPair's
+  (tables, embed_dim).
   """
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
                     f'available: {", ".join(PAIRS)}')
-  if model == 'bert':
-    pair = BertPair(batch=batch, seed=seed, precision=precision,
-                    **model_options)
+  if model in ('bert', 'dlrm'):
+    pair = PAIRS[model](batch=batch, seed=seed, precision=precision,
+                        **model_options)
     out = {'model': model, 'batch': batch, 'precision': precision,
            **pair.settings, 'machine': machine(), **pair.parity()}
   else:
@@ -866,6 +1130,15 @@ def _summary(r: dict[str, Any]) -> str:
              f'masked predictions, {r["precision"]}, HF transformers '
              f'{r["transformers"]} ({r["hf_attention"]} attention), '
              f'{r["machine"]["devices"]}']
+  elif r['model'] == 'dlrm':
+    lines = [f'{r["model"]}: batch {r["batch"]}, {r["num_tables"]} tables of '
+             f'{r["table_rows"]:,} rows in all ({r["tables_gb"]:.2f} GB in '
+             f'{r["precision"]}), width {r["embed_dim"]}, bottom MLP '
+             f'{"-".join(map(str, r["bottom_mlp"]))}, top MLP '
+             f'{"-".join(map(str, r["top_mlp"]))} ({r["num_params"]:,} '
+             f'parameters, {r["mlp_params"]:,} in the MLPs), '
+             f'{r["touched_rows"]:,} rows touched, {r["precision"]}, '
+             f'{r["machine"]["devices"]}']
   elif 'volume' in r:
     lines = [f'{r["model"]}: batch {r["batch"]} of '
              f'{"x".join(map(str, r["volume"]))} voxels, filters '
@@ -878,8 +1151,9 @@ def _summary(r: dict[str, Any]) -> str:
              f'{r["precision"]}, JAX kernel gradients {r["jax_conv_wgrad"]}, '
              f'{r["machine"]["devices"]}']
   keys = [k for k in ('outputs_eval', 'outputs_train', 'outputs',
-                      'mlm_logits', 'mlm_logits_padded_row', 'nsp_logits',
-                      'loss') if k in r]
+                      'probabilities', 'logits', 'mlm_logits',
+                      'mlm_logits_padded_row', 'nsp_logits', 'loss')
+          if k in r]
   width = max([14] + [len(k) for k in keys])
   for key in keys:
     e = r[key]
@@ -891,6 +1165,11 @@ def _summary(r: dict[str, Any]) -> str:
   lines.append(f'  {"grads":<{width}} worst norm_rel '
                f'{g["worst_norm_rel"]:.3e} ({g["worst_param"]}), median '
                f'{g["median_norm_rel"]:.3e}')
+  if 'tables_worst_norm_rel' in g:
+    lines.append(f'  {"":<{width}} MLPs: worst {g["mlp_worst_norm_rel"]:.3e}, '
+                 f'median {g["mlp_median_norm_rel"]:.3e}; tables (touched '
+                 f'rows): worst {g["tables_worst_norm_rel"]:.3e}, median '
+                 f'{g["tables_median_norm_rel"]:.3e}')
   if 'zero_grad_params' in g:
     lines.append(f'  {"":<{width}} zero in exact arithmetic: '
                  f'{len(g["zero_grad_params"])} tensors (attention key '
@@ -920,7 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
                  help='default: 16 for resnet50, 1 for unet3d, '
                       f'{_BERT_DEFAULTS[0]} for bert (full BERT-large at '
                       f'--seq-len {_BERT_DEFAULTS[1]}: a few seconds a step on '
-                      f'a small CPU)')
+                      f'a small CPU), {DLRM_BATCH} for dlrm (the '
+                      f'reference\'s)')
   p.add_argument('--image-size', default=None,
                  help='image side (default 128) for resnet50; for unet3d a '
                       'cube side or D,H,W, multiples of 32 (default 64, the '
@@ -953,6 +1233,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--max-predictions', type=int, default=None,
                  help='bert: masked-LM slots per row (default 20 for '
                       '--seq-len 128, 76 for 512 as MLPerf, else 15%%)')
+  p.add_argument('--tables', default=None,
+                 help=f'dlrm: the rows of each embedding table: N caps the '
+                      f'26 Criteo 1TB tables at N rows each, as the '
+                      f'reference\'s --max-ind-range does (default '
+                      f'{DLRM_TABLE_CAP}: ~0.92M rows, 0.47 GB per framework); '
+                      f'a comma list gives the row counts; "criteo" keeps '
+                      f'the full tables (188M rows, 96 GB per framework: '
+                      f'not for a small machine)')
+  p.add_argument('--embed-dim', type=int, default=None,
+                 help='dlrm: embedding width, also the bottom MLP\'s output '
+                      '(default 128, the reference\'s)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--repeats', type=int, default=5)
@@ -976,12 +1267,18 @@ def main(argv: list[str] | None = None) -> int:
                 'vocab_size': args.vocab_size,
                 'max_predictions': args.max_predictions}
   try:
+    given = [f for f, v in (('--tables', args.tables),
+                            ('--embed-dim', args.embed_dim)) if v is not None]
+    if given and args.model != 'dlrm':
+      raise UserError(f'{", ".join(given)}: only for --model dlrm')
     if args.model == 'bert':
       return _main_bert(args, bert_flags)
     given = [f'--{k.replace("_", "-")}'.replace('num-layers', 'layers')
              for k, v in bert_flags.items() if v is not None]
     if given:
       raise UserError(f'{", ".join(given)}: only for --model bert')
+    if args.model == 'dlrm':
+      return _main_dlrm(args)
     batch, image_size, num_classes = _DEFAULTS.get(args.model,
                                                    _DEFAULTS['resnet50'])
     batch = batch if args.batch is None else args.batch
@@ -1052,6 +1349,34 @@ def _main_bert(args: argparse.Namespace, flags: dict[str, int | None]
     options = {k: v for k, v in flags.items() if v is not None}
     options.setdefault('seq_len', _BERT_DEFAULTS[1])
     result = compare('bert', batch=batch, seed=args.seed, warmup=args.warmup,
+                     repeats=args.repeats, timing=not args.no_timing,
+                     precision=args.precision, **options)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return _report(result, args.json)
+
+
+def _main_dlrm(args: argparse.Namespace) -> int:
+  """--model dlrm: jaxperf.torch_models.dlrm against models/dlrm.py."""
+  try:
+    given = [f for f, bad in (
+        ('--image-size', args.image_size is not None),
+        ('--num-classes', args.num_classes is not None),
+        ('--filters', args.filters is not None),
+        ('--activation', args.activation is not None),
+        ('--upsample', args.upsample is not None),
+        ('--wgrad', args.wgrad != 'auto'),
+        ('--torch-contiguous', args.torch_contiguous)) if bad]
+    if given:
+      raise UserError(f'{", ".join(given)}: not for --model dlrm (its sizes '
+                      f'are --batch, --tables, --embed-dim)')
+    options = {'tables': (DLRM_TABLE_CAP if args.tables is None
+                          else args.tables)}
+    if args.embed_dim is not None:
+      options['embed_dim'] = args.embed_dim
+    batch = DLRM_BATCH if args.batch is None else args.batch
+    result = compare('dlrm', batch=batch, seed=args.seed, warmup=args.warmup,
                      repeats=args.repeats, timing=not args.no_timing,
                      precision=args.precision, **options)
   except UserError as e:

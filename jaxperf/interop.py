@@ -6,13 +6,17 @@
 
 Models: 'resnet50' (torchvision's ResNet-50 <-> models/resnet.py),
 'unet3d' (the MLPerf reference 3D U-Net, jaxperf.torch_models.unet3d <->
-models/unet3d.py, any `filters` widths: see unet3d_tensors) and 'bert' (HF
+models/unet3d.py, any `filters` widths: see unet3d_tensors), 'bert' (HF
 transformers' BertForPreTraining, or the MLPerf reference's TF1 checkpoint,
-<-> models/bert.py, any size: see bert_tensors).
+<-> models/bert.py, any size: see bert_tensors) and 'dlrm' (the MLPerf
+reference's DLRM_Net, jaxperf.torch_models.dlrm <-> models/dlrm.py, any
+number of tables and MLP widths: see dlrm_tensors).
 
 `variables` is the Flax dict {'params': ..., 'batch_stats': ...} ({'params':
 ...} alone for unet3d, whose instance norms keep no statistics, and for
-bert). Every tensor is accounted for: a missing, unexpected or misshapen
+bert; for dlrm {'params': DenseArch's params, 'tables': [one [rows, D]
+array per table, in feature order]}, the tables being kept outside Flax).
+Every tensor is accounted for: a missing, unexpected or misshapen
 tensor is an error that names it, never a partial load. from_torch accepts
 torch tensors or numpy arrays; to_torch returns torch tensors (torch is
 imported only there).
@@ -422,6 +426,122 @@ def _bert_options(options: dict[str, Any], expected: Mapping | None):
   return options
 
 
+# ------------------------------------------------------------------ dlrm
+
+_DLRM_TABLE = re.compile(r'^emb_l\.(\d+)\.weight$')
+_DLRM_LINEAR = re.compile(r'^(bot_l|top_l)\.(\d+)\.(?:weight|bias)$')
+
+
+def dlrm_tensors(num_tables: int, num_bottom: int, num_top: int,
+                 dims: Mapping[str, Any] | None = None) -> list[_Tensor]:
+  """The MLPerf DLRM_Net (jaxperf.torch_models.dlrm) <-> models/dlrm.py.
+
+  Mapping: emb_l.{t}.weight [rows_t, D] <-> tables[t] (the tables live
+  outside Flax: the variables are {'params': DenseArch's params, 'tables':
+  [one array per table]}); bot_l.{2k}.{weight,bias} <->
+  params/bottom_mlp/dense_{k}/{kernel,bias}; top_l.{2k}.* <->
+  params/top_mlp/dense_{k}/* (the odd indices are the activations, which
+  hold no tensors). Linear weights are (out, in), Flax kernels (in, out).
+
+  Given `dims` (dlrm_dims) each tensor also carries the PyTorch shape they
+  imply: the bottom MLP ends in the embedding width, the top MLP takes the
+  interaction (D + (T + 1) T / 2 features) and ends in 1, every layer takes
+  the previous one's width; a table's row count is its own.
+  """
+  d = dict(dims) if dims is not None else None
+  out = []
+  for t in range(num_tables):
+    shape = (d['table_sizes'][t], d['embed_dim']) if d else None
+    out.append(_Tensor(f'emb_l.{t}.weight', ('tables', str(t)), 'embed',
+                       shape))
+  for prefix, module, count in (('bot_l', 'bottom_mlp', num_bottom),
+                                ('top_l', 'top_mlp', num_top)):
+    if d:      # the input width, then each layer's output width
+      widths = (d['num_dense'] if module == 'bottom_mlp'
+                else d['interaction_dim'],) + tuple(d[module])
+    for k in range(count):
+      path = ('params', module, f'dense_{k}')
+      out += [_Tensor(f'{prefix}.{2 * k}.weight', (*path, 'kernel'), 'dense',
+                      (widths[k + 1], widths[k]) if d else None),
+              _Tensor(f'{prefix}.{2 * k}.bias', (*path, 'bias'), 'vector',
+                      (widths[k + 1],) if d else None)]
+  return out
+
+
+def dlrm_counts(names: Iterable[str]) -> dict[str, int]:
+  """num_tables, num_bottom and num_top (Linear layers) from tensor names:
+  1 + the largest table index, 1 + the largest Linear index / 2."""
+  tables, layers = [-1], {'bot_l': [-1], 'top_l': [-1]}
+  for name in names:
+    if m := _DLRM_TABLE.match(name):
+      tables.append(int(m.group(1)))
+    elif m := _DLRM_LINEAR.match(name):
+      layers[m.group(1)].append(int(m.group(2)) // 2)
+  return {'num_tables': max(tables) + 1,
+          'num_bottom': max(layers['bot_l']) + 1,
+          'num_top': max(layers['top_l']) + 1}
+
+
+def dlrm_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+  """DLRM's sizes from the PyTorch shapes of its tensors.
+
+  table_sizes from each emb_l.{t}.weight's rows; embed_dim the tables'
+  width (the most common one); num_dense from bot_l.0.weight's input. Each
+  hidden MLP width is told three times, by its Linear weight's output, its
+  bias and the next weight's input: the most common value is taken, so that
+  the tensor that disagrees is the one named. The model fixes the rest: the
+  bottom MLP ends in embed_dim (the dot interaction needs it), the top MLP
+  in 1 (the click logit), and the top MLP takes embed_dim + (T + 1) T / 2
+  features for T tables.
+  """
+  counts = dlrm_counts(shapes)
+  if not counts['num_tables'] or not counts['num_bottom'] or not (
+      counts['num_top']):
+    raise InteropError('dlrm: the state_dict needs emb_l.0.weight, '
+                       'bot_l.0.weight and top_l.0.weight at least')
+
+  def shape(name, rank=2):
+    s = tuple(int(x) for x in shapes[name])
+    if len(s) != rank:
+      raise InteropError(f'dlrm: tensor {name} has rank {len(s)}, expected '
+                         f'{rank}')
+    return s
+
+  def most_common(values):
+    return max(values, key=values.count)     # ties: the first one
+
+  tables = [shape(f'emb_l.{t}.weight') for t in range(counts['num_tables'])]
+  embed_dim = most_common([s[1] for s in tables])
+
+  def widths(prefix, count, last):
+    out = []
+    for k in range(count - 1):
+      out.append(most_common([shape(f'{prefix}.{2 * k}.weight')[0],
+                              shape(f'{prefix}.{2 * k}.bias', 1)[0],
+                              shape(f'{prefix}.{2 * k + 2}.weight')[1]]))
+    return tuple(out) + (last,)
+  n = counts['num_tables'] + 1
+  return {'table_sizes': tuple(s[0] for s in tables), 'embed_dim': embed_dim,
+          'num_dense': shape('bot_l.0.weight')[1],
+          'bottom_mlp': widths('bot_l', counts['num_bottom'], embed_dim),
+          'top_mlp': widths('top_l', counts['num_top'], 1),
+          'interaction_dim': embed_dim + n * (n - 1) // 2}
+
+
+def _dlrm(names: Iterable[str] | None,
+          shapes: Mapping[str, tuple[int, ...]] | None, *,
+          num_tables: int | None = None, num_bottom: int | None = None,
+          num_top: int | None = None) -> list[_Tensor]:
+  counts = dlrm_counts((shapes if names is None else names) or ())
+  for key, value in (('num_tables', num_tables), ('num_bottom', num_bottom),
+                     ('num_top', num_top)):
+    # At least one of each: a state_dict or variables tree without any is
+    # told the first one is missing.
+    counts[key] = max(1, counts[key] if value is None else value)
+  return dlrm_tensors(**counts,
+                      dims=None if shapes is None else dlrm_dims(shapes))
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):
@@ -770,11 +890,19 @@ _MODELS: dict[str, Callable[..., list[_Tensor]]] = {
     'unet3d': lambda names, shapes: (unet3d_tensors() if shapes is None else
                                      unet3d_tensors(**unet3d_dims(shapes))),
     'bert': _bert,
+    'dlrm': _dlrm,
 }
+# Per model: entries of the variables that are a list of arrays (dlrm's
+# tables) rather than a dict; internally they are dicts keyed '0', '1', ...
+_LISTS = {'dlrm': ('tables',)}
+# Models whose to_torch output is checked against the sizes it implies (a
+# tree with a table too many or a layer of the wrong width is an error).
+_TO_TORCH_CHECKED = ('dlrm',)
 # Models whose tensors have TF1 checkpoint names (from_tf_checkpoint).
 _TF_MODELS = ('bert',)
 # Per model: the keyword options of from_torch / from_tf_checkpoint.
-_OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',)}
+_OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',),
+            'dlrm': ()}
 
 
 def _tensors(model_name: str, names: Iterable[str] | None = None,
@@ -874,7 +1002,35 @@ def _describe_dims(model_name: str, raw: Mapping[str, np.ndarray],
     return (', '.join(f'{k}={v}' for k, v in d.items()) + ', read from the '
             'word, position and token-type embeddings, layer 0\'s '
             'intermediate dense and the layer names (num_heads as given)')
+  if model_name == 'dlrm':
+    d = dlrm_dims(shapes)
+    return (f'{len(d["table_sizes"])} tables of width {d["embed_dim"]}, '
+            f'num_dense={d["num_dense"]}, bottom MLP '
+            f'{list(d["bottom_mlp"])}, top MLP {list(d["top_mlp"])} taking '
+            f'{d["interaction_dim"]} features: read from the tables, '
+            f'bot_l.0.weight and each Linear layer\'s weight, bias and next '
+            f'weight (see dlrm_dims)')
   return 'as read from the state_dict'
+
+
+def _lists_as_dicts(model_name: str, tree: Any) -> Any:
+  """`tree` with each list of _LISTS as a dict keyed '0', '1', ..."""
+  keys = _LISTS.get(model_name, ())
+  if not keys or not isinstance(tree, Mapping):
+    return tree
+  out = dict(tree)
+  for key in keys:
+    if isinstance(out.get(key), (list, tuple)):
+      out[key] = {str(i): a for i, a in enumerate(out[key])}
+  return out
+
+
+def _dicts_as_lists(model_name: str, tree: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of _lists_as_dicts, for what from_torch returns."""
+  for key in _LISTS.get(model_name, ()):
+    if key in tree:
+      tree[key] = [tree[key][str(i)] for i in range(len(tree[key]))]
+  return tree
 
 
 def _check_names(model_name: str, what: str, names: set[str],
@@ -935,17 +1091,19 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
   """Flax variables from a PyTorch reference state_dict.
 
   Args:
-    model_name: 'resnet50', 'unet3d' or 'bert'.
+    model_name: 'resnet50', 'unet3d', 'bert' or 'dlrm'.
     state_dict: the reference module's state_dict (tensors or arrays).
     expected: optional variables (or jax.eval_shape of them, boxed or not)
       of the target model; shapes are checked against them, tensor by
-      tensor. (unet3d and bert tensors are also checked against the sizes
-      the state_dict implies.)
+      tensor. (unet3d, bert and dlrm tensors are also checked against the
+      sizes the state_dict implies.)
     **options: bert: num_heads, which no shape tells (default: read from
       `expected` if given, else BERT-large's 16). The depth and every other
-      size of a BERT are read from the state_dict (bert_dims).
+      size of a BERT are read from the state_dict (bert_dims), and so are
+      the tables and MLP widths of a DLRM (dlrm_dims).
   """
   options = _check_options(model_name, options, expected)
+  expected = _lists_as_dicts(model_name, expected)
   ignored = _IGNORED_NAMES.get(model_name, ())
   tied = _TIED.get(model_name, {})
   given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)
@@ -964,7 +1122,8 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
                    f'{float(np.max(np.abs(a.astype(np.float64) - b))):.3g}')
       raise InteropError(f'{model_name}: tensor {name} is tied to {source} '
                          f'(the same parameter in the reference) but {what}')
-  return _assemble(model_name, raw, expected, options)
+  return _dicts_as_lists(model_name,
+                         _assemble(model_name, raw, expected, options))
 
 
 def from_tf_checkpoint(model_name: str, path: str,
@@ -1011,6 +1170,19 @@ def from_tf_checkpoint(model_name: str, path: str,
 
 def _options_from_variables(model_name: str, variables: Mapping[str, Any]
                             ) -> dict[str, Any]:
+  if model_name == 'dlrm':
+    params = variables.get('params', {})
+    params = params if isinstance(params, Mapping) else {}
+
+    def layers(module):
+      node = params.get(module, {})
+      found = [int(m.group(1)) for k in (node if isinstance(node, Mapping)
+                                         else ())
+               if (m := re.fullmatch(r'dense_(\d+)', k))]
+      return max(found) + 1 if found else 0
+    tables = variables.get('tables', {})
+    return {'num_tables': len(tables) if isinstance(tables, Mapping) else 0,
+            'num_bottom': layers('bottom_mlp'), 'num_top': layers('top_mlp')}
   if model_name != 'bert':
     return {}
   bert = variables.get('params', {}).get('bert', {}) if isinstance(
@@ -1025,9 +1197,12 @@ def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
 
   For bert the state_dict of HF transformers' BertForPreTraining, ready for
   load_state_dict(strict=True), tied decoder tensors included; the depth is
-  read from the variables.
+  read from the variables. For dlrm that of the reference's DLRM_Net
+  (emb_l, bot_l, top_l), the number of tables and of layers read from the
+  variables.
   """
   import torch  # pylint: disable=g-import-not-at-top
+  variables = _lists_as_dicts(model_name, variables)
   tensors = _tensors(model_name, None, None,
                      **_options_from_variables(model_name, variables))
   used = {t.flax_path for t in tensors}
@@ -1052,6 +1227,16 @@ def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     if t.torch_name.endswith('running_var'):
       out[t.torch_name[:-len('running_var')] + 'num_batches_tracked'] = (
           torch.tensor(0, dtype=torch.long))
+  if model_name in _TO_TORCH_CHECKED:
+    shapes = {k: tuple(v.shape) for k, v in out.items()}
+    for t in _tensors(model_name, None, shapes,
+                      **_options_from_variables(model_name, variables)):
+      if t.shape is not None and shapes[t.torch_name] != t.shape:
+        raise InteropError(
+            f'{model_name}: variables {"/".join(t.flax_path)} make tensor '
+            f'{t.torch_name} of shape {shapes[t.torch_name]} but the other '
+            f'variables imply {t.shape} '
+            f'({_describe_dims(model_name, out, {})})')
   tied = _TIED.get(model_name)
   if tied:
     ordered = {}
