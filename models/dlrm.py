@@ -155,7 +155,7 @@ class DenseArch(nn.Module):
     r = dot_interaction(x, emb.astype(self.dtype))
     logits = MLP(cfg.top_mlp, last_activation=False, dtype=self.dtype,
                  name='top_mlp')(r)
-    return logits[:, 0].astype(jnp.float32)
+    return logits[:, 0].astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def init_table(key: jax.Array, rows: int, dim: int,
