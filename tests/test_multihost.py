@@ -53,38 +53,9 @@ def _reference(tmp_path_factory, name, args):
 
 
 @pytest.fixture(scope='module')
-def one_process(tmp_path_factory):
-  """The reference: 1 process x 8 devices, to the end of its schedule."""
-  return _reference(tmp_path_factory, 'one', ARGS)
-
-
-@pytest.fixture(scope='module')
 def one_frozen(tmp_path_factory):
   """The same with learning rate 0."""
   return _reference(tmp_path_factory, 'frozen', FROZEN)
-
-
-def test_two_processes_train_like_one(one_process, tmp_path):
-  workdir = tmp_path / 'two'
-  proc = _launch('--model', 'resnet50', '--workdir', str(workdir), *ARGS)
-  assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert 'data=8 over 8 cpu devices' in proc.stdout
-  assert 'run_stop: aborted after 16 steps' in proc.stdout
-  # Only process 0 prints, logs and writes metrics.
-  assert '[1] step' not in proc.stdout and '[1] eval' not in proc.stdout
-  assert sorted(os.listdir(workdir)) == sorted(os.listdir(one_process))
-  want, got = cli.train_losses(one_process), cli.train_losses(workdir)
-  assert sorted(got) == list(range(1, 17))
-  # Steps 1-2 (the first update has learning rate 0 in warmup): the same
-  # forward and backward passes, batch norm over both processes' devices.
-  for s in (1, 2):
-    assert got[s] == pytest.approx(want[s], rel=1e-5), s
-  # Step 3 follows the first real update: rounding of the cross-process
-  # reductions only (1 process on 4 vs 8 devices: 5e-4).
-  assert got[3] == pytest.approx(want[3], rel=2e-3)
-  # Later steps drift apart as any two device layouts do (see FROZEN).
-  for s in want:
-    assert got[s] == pytest.approx(want[s], rel=0.1), s
 
 
 def test_two_processes_match_one_step_for_step(one_frozen, tmp_path):
@@ -139,24 +110,29 @@ def _stop_after(cmd, workdir, step_line: str, timeout=600):
   return proc.returncode, ''.join(seen) + (out or '')
 
 
-@pytest.mark.parametrize('first,second', [(2, 1), (1, 2)])
-def test_sigterm_checkpoint_restores_across_process_counts(
-    one_frozen, tmp_path, first, second):
+def test_sigterm_checkpoint_restores_across_process_counts(one_frozen,
+                                                           tmp_path):
   """A scheduler's SIGTERM to every process: all save at the same step and
-  exit 0; the run resumes with the other process count and goes on exactly
-  as the uninterrupted run (the data position comes back with the step)."""
+  exit 0; the run resumes with the other process count (2 -> 1 -> 2) and
+  goes on exactly as the uninterrupted run (the data position comes back
+  with the step)."""
   workdir = tmp_path / 'run'
   args = ('--model', 'resnet50', '--workdir', str(workdir), *FROZEN)
   cmd = lambda n: _launch_cmd(*args) if n == 2 else cli.train_cmd(*args)
-  rc, out = _stop_after(cmd(first), workdir, 'step 4/')
-  assert rc == 0, out[-3000:]
-  stopped = int(re.search(r'SIGTERM: stopped at step (\d+)', out).group(1))
-  assert 4 <= stopped < 16
-  assert os.path.isdir(workdir / 'checkpoints' / str(stopped))
-  proc = subprocess.run(cmd(second), env=cli.env(), capture_output=True,
+  stops = []
+  for n, line in ((2, 'step 4/'), (1, 'step ')):
+    rc, out = _stop_after(cmd(n), workdir, line)
+    assert rc == 0, out[-3000:]
+    stopped = int(re.search(r'SIGTERM: stopped at step (\d+)', out).group(1))
+    assert 4 <= stopped < 16 and stopped > max(stops, default=0)
+    assert os.path.isdir(workdir / 'checkpoints' / str(stopped))
+    if stops:
+      assert f'(step {stops[-1]},' in out
+    stops.append(stopped)
+  proc = subprocess.run(cmd(2), env=cli.env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert f'(step {stopped},' in proc.stdout
+  assert f'(step {stops[-1]},' in proc.stdout
   want, got = cli.train_losses(one_frozen), cli.train_losses(workdir)
   assert sorted(got) == list(range(1, 17))
   for s in want:
