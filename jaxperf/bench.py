@@ -516,7 +516,8 @@ def summary(r: dict[str, Any]) -> str:
   if 'embedding_bytes_rows_read' in info:
     per = (info['embedding_bytes_rows_read']
            + info['embedding_bytes_rows_updated'])
-    moved = info['embedding_bytes_exchanged']
+    moved = (info['embedding_bytes_exchanged']
+             + info.get('embedding_bytes_hot_allreduce', 0.0))
     rate = r['samples_per_s']
     rows.append(('embeddings', (
         f'{info["embedding_layout"]} layout, {info["hot_rows"]:,} hot rows '
@@ -524,7 +525,10 @@ def summary(r: dict[str, Any]) -> str:
         f'{info["embedding_rows_per_device"]:,} stacked rows per device')))
     rows.append(('embedding traffic', (
         f'{_bytes(int(per))} per sample read+written in tables, '
-        f'{_bytes(int(moved))} per sample between devices; at '
+        f'{_bytes(int(moved))} per sample between devices (rows '
+        f'{_bytes(int(info["embedding_bytes_exchanged"]))}, hot-row '
+        f'gradients {_bytes(int(info.get("embedding_bytes_hot_allreduce", 0)))}'
+        f'); at '
         f'{rate:,.0f} samples/s: {_si(per * rate, "B/s")} table traffic, '
         f'{_si(moved * rate, "B/s")} exchanged')))
   width = max(len(k) for k, _ in rows)

@@ -14,7 +14,8 @@ stack is the layout:
   read for them) and a reduce-scatter that hands every device the rows of its
   own samples: [B, T, D] partial blocks, summed in transit.
 * 'table': each table whole on one device (largest first onto the least
-  loaded device), each device's block padded to the largest. A lookup is the
+  loaded device with fewer than ceil(T / n) tables), each device's block
+  padded to the largest. A lookup is the
   classic DLRM all-to-all: every device sends each owner the indices of the
   owner's tables for its samples, owners gather, and a second all-to-all
   returns the rows. It moves 1/n of the row mode's data but balances memory
@@ -32,8 +33,11 @@ frequency count of the training data, are also kept replicated on every
 device ('hot' [H, dim]). A hot index is looked up locally and its gradient
 summed across devices with an all-reduce of [H, dim]; tables whose every row
 is hot (Criteo's many small tables) leave the exchange altogether, which is
-where the communication saving is. Slots of hot rows in partly hot tables
-still travel (as zeros): the exchange has static shapes. The stacked array
+where the communication saving is; the price is the all-reduce of the
+[H, dim] gradient every step, so the hot set must be small beside what it
+takes out of the exchange (bytes_per_sample counts both). Slots of hot rows
+in partly hot tables still travel (as zeros): the exchange has static
+shapes. The stacked array
 keeps stale copies of hot rows; `merged` overlays the replicated values.
 The hybrid model computes the same function, with the same updates, as the
 plain sharded one (up to float summation order).
@@ -82,7 +86,10 @@ class Layout:
 
 
 def make_layout(table_sizes: Sequence[int], num_shards: int,
-                mode: str = 'row') -> Layout:
+                mode: str = 'row', replicated: Sequence[int] = ()) -> Layout:
+  """Where each table goes. In the table layout, the `replicated` tables
+  (looked up from the hot rows, never exchanged) do not count towards a
+  device's share of tables."""
   sizes = tuple(int(s) for s in table_sizes)
   if mode not in MODES:
     raise ValueError(f'embedding layout {mode!r}: expected one of {MODES}')
@@ -96,12 +103,21 @@ def make_layout(table_sizes: Sequence[int], num_shards: int,
     quantum = math.lcm(ROW_QUANTUM, num_shards)
     total = max(1, -(-sum(sizes) // quantum)) * quantum
     return Layout(sizes, num_shards, mode, offsets, total // num_shards)
+  # Largest first onto the least loaded device that holds fewer than
+  # ceil(T / n) exchanged tables: the cap keeps the all-to-all's slots per
+  # device (the most exchanged tables any device holds) at their minimum.
+  # Replicated tables then fill the least loaded devices.
   load = [0] * num_shards
   members: list[list[int]] = [[] for _ in range(num_shards)]
-  for t in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):
-    d = min(range(num_shards), key=lambda d: (load[d], len(members[d]), d))
+  counted = [0] * num_shards
+  rep = set(int(t) for t in replicated)
+  cap = max(1, -(-(len(sizes) - len(rep)) // num_shards))
+  for t in sorted(range(len(sizes)), key=lambda t: (t in rep, -sizes[t], t)):
+    allowed = [d for d in range(num_shards) if t in rep or counted[d] < cap]
+    d = min(allowed, key=lambda d: (load[d], len(members[d]), d))
     members[d].append(t)
     load[d] += sizes[t]
+    counted[d] += t not in rep
   rows = max(1, max(load))
   offsets = [0] * len(sizes)
   owners = [0] * len(sizes)
@@ -115,18 +131,22 @@ def make_layout(table_sizes: Sequence[int], num_shards: int,
                 tuple(slots), max(1, max(len(m) for m in members)))
 
 
-def hot_rows_from_counts(counts: Sequence[np.ndarray], num_hot: int,
-                         offsets: Sequence[int]) -> np.ndarray:
-  """The `num_hot` most frequent rows over all tables (global stacked ids,
-  sorted), from per-table occurrence counts; rows never seen are not hot."""
+def hot_rows_from_counts(counts: Sequence[np.ndarray], num_hot: int
+                         ) -> list[np.ndarray]:
+  """The `num_hot` most frequent rows over all tables, from per-table
+  occurrence counts: for each table, the sorted indices of its hot rows.
+  Rows never seen are not hot."""
+  empty = [np.zeros([0], np.int64) for _ in counts]
   if num_hot <= 0:
-    return np.zeros([0], np.int64)
+    return empty
   flat = np.concatenate([np.asarray(c, np.int64) for c in counts])
-  ids = np.concatenate([np.arange(len(c), dtype=np.int64) + o
-                        for c, o in zip(counts, offsets)])
   num_hot = min(num_hot, int(np.count_nonzero(flat)))
-  top = np.argpartition(-flat, num_hot - 1)[:num_hot] if num_hot else []
-  return np.sort(ids[top])
+  if not num_hot:
+    return empty
+  top = np.sort(np.argpartition(-flat, num_hot - 1)[:num_hot])
+  starts = np.concatenate([[0], np.cumsum([len(c) for c in counts])])
+  return [top[(top >= a) & (top < b)] - a
+          for a, b in zip(starts[:-1], starts[1:])]
 
 
 class ShardedEmbedding:
@@ -134,40 +154,41 @@ class ShardedEmbedding:
 
   Parameters are a dict {'tables': [total_rows, dim] split by rows over all
   mesh axes} plus, with hot rows, {'hot': [H, dim] replicated}.
-  `hot_ids` are stacked row ids (sorted) in the layout of `layout`.
+  `hot_rows`: for each table, the indices of its hot rows (or None).
   """
 
   def __init__(self, table_sizes: Sequence[int], dim: int, mesh: Mesh, *,
-               mode: str = 'row', hot_ids: np.ndarray | None = None,
+               mode: str = 'row',
+               hot_rows: Sequence[np.ndarray] | None = None,
                dtype=jnp.float32):
     self.mesh = mesh
     self.axes = tuple(mesh.axis_names)
     self.num_shards = int(mesh.devices.size)
-    self.layout = make_layout(table_sizes, self.num_shards, mode)
+    sizes = np.asarray(table_sizes, np.int64)
+    if hot_rows is None:
+      hot_rows = [np.zeros([0], np.int64) for _ in sizes]
+    if len(hot_rows) != len(sizes):
+      raise ValueError(f'hot rows given for {len(hot_rows)} tables, the model '
+                       f'has {len(sizes)}')
+    hot_rows = [np.unique(np.asarray(h, np.int64)) for h in hot_rows]
+    for t, (h, n) in enumerate(zip(hot_rows, sizes)):
+      if h.size and (h[0] < 0 or h[-1] >= n):
+        raise ValueError(f'hot rows of table {t} must lie in [0, {n}); got '
+                         f'{h[0]}..{h[-1]}')
+    self.replicated_tables = tuple(
+        t for t, (h, n) in enumerate(zip(hot_rows, sizes)) if h.size == n)
+    self.routed_tables = tuple(t for t in range(len(sizes))
+                               if t not in self.replicated_tables)
+    self.layout = make_layout(sizes, self.num_shards, mode,
+                              replicated=self.replicated_tables)
     self.dim = int(dim)
     self.dtype = dtype
-    sizes = np.asarray(self.layout.table_sizes, np.int64)
     self._offsets = np.asarray(self.layout.offsets, np.int64)
     # Tables in stacking order (the table layout does not stack them in
     # feature order), to map a stacked row to its table.
     self._order = np.argsort(self._offsets, kind='stable').astype(np.int32)
-    hot = np.zeros([0], np.int64) if hot_ids is None else np.unique(
-        np.asarray(hot_ids, np.int64))
-    if hot.size:
-      k = np.searchsorted(self._offsets[self._order], hot, side='right') - 1
-      table = self._order[np.maximum(k, 0)]
-      inside = (k >= 0) & (hot - self._offsets[table] < sizes[table])
-      if not inside.all():
-        raise ValueError(f'hot row ids {hot[~inside][:5].tolist()} are not '
-                         f'rows of any table in this layout')
-      per_table = np.bincount(table, minlength=len(sizes))
-    else:
-      per_table = np.zeros(len(sizes), np.int64)
-    self.hot_ids = hot
-    self.replicated_tables = tuple(
-        int(t) for t in np.nonzero(per_table == sizes)[0])
-    self.routed_tables = tuple(t for t in range(len(sizes))
-                               if t not in self.replicated_tables)
+    self.hot_ids = np.sort(np.concatenate(
+        [h + o for h, o in zip(hot_rows, self._offsets)]).astype(np.int64))
     # Table layout: each routed table's position among its owner's routed
     # tables, and the most any owner has (the all-to-all's K).
     seen: dict[int, int] = {}
@@ -387,27 +408,30 @@ class ShardedEmbedding:
         out_specs=self._spec(2), check_vma=False)(tables, owner_ids, row_grads)
 
   # --- accounting -----------------------------------------------------------------
-  def bytes_per_sample(self) -> dict[str, float]:
-    """Embedding bytes one training sample costs, by kind: rows read from
-    the tables (forward) and written (update: read + write of each touched
-    row), and the rows' share of the exchange between devices (forward and
-    backward), for this layout and hot set."""
+  def bytes_per_sample(self, global_batch: int) -> dict[str, float]:
+    """Embedding bytes one training sample costs, summed over devices: rows
+    read from the tables (forward) and updated (read + write of each
+    touched row); the rows' share of the exchange between devices (forward
+    and backward); and the all-reduce of the hot rows' gradient ([H, dim]
+    once a step, a ring moving 2 (n - 1) / n of it per device), per sample
+    of a global batch of `global_batch`."""
     d = self.dim * jnp.dtype(self.dtype).itemsize
     t_all = self.num_tables
-    t_routed = len(self.routed_tables)
     n = self.num_shards
     if n == 1:
-      moved = 0.0
-    elif self.layout.mode == 'row':
-      # reduce-scatter forward and all-gather backward of [B, Tr, D]: each
-      # device sends (n - 1)/n of its block per sample of the global batch.
-      moved = 2 * t_routed * d * (n - 1)
+      moved = hot = 0.0
     else:
-      # all-to-all of [n, b, K, D] both ways (K: the most routed tables on
-      # one device); (n - 1)/n of it leaves each device.
-      moved = 2 * self._k * d * (n - 1)
+      if self.layout.mode == 'row':
+        # reduce-scatter forward and all-gather backward of [B, Tr, D]:
+        # (n - 1)/n of every device's [B, Tr, D] leaves it.
+        moved = 2 * len(self.routed_tables) * d * (n - 1)
+      else:
+        # all-to-all of [n, b, K, D] both ways (K: the most exchanged
+        # tables on one device); (n - 1)/n of it leaves each device.
+        moved = 2 * self._k * d * (n - 1)
+      hot = 2 * (n - 1) * self.hot_ids.size * d / max(global_batch, 1)
     return {'rows_read': float(t_all * d), 'rows_updated': float(2 * t_all * d),
-            'exchanged': float(moved)}
+            'exchanged': float(moved), 'hot_allreduce': float(hot)}
 
 
 def is_table_sized(shape: Sequence[int], layout: Layout, dim: int) -> bool:

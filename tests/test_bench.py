@@ -173,7 +173,11 @@ def test_dlrm_reports_embedding_traffic(tmp_path):
   # 16 floats per row: 26 rows read, 26 read and written per sample.
   assert info['embedding_bytes_rows_read'] == 26 * 64
   assert info['embedding_bytes_rows_updated'] == 2 * 26 * 64
-  assert 0 < info['embedding_bytes_exchanged'] < 2 * 7 * 26 * 64
+  # The all-to-all's K slots: at most ceil(T/8) = 4 exchanged tables per
+  # device; the hot rows' gradient: 2 * 7/8 of [300, 16] per device a step.
+  assert 0 < info['embedding_bytes_exchanged'] <= 2 * 7 * 4 * 64
+  assert info['embedding_bytes_hot_allreduce'] == pytest.approx(
+      2 * 7 * 300 * 64 / 1024)
 
 
 def test_step_stats():

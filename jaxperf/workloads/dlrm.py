@@ -173,16 +173,13 @@ class DLRM(Workload):
   def _build_embedding(self, mesh) -> emb_lib.ShardedEmbedding:
     c = self.config
     cfg = self.model_cfg
-    hot_ids = None
+    hot_rows = None
     num_hot = int(c.hot_rows)
     if num_hot > 0:
-      layout = emb_lib.make_layout(cfg.table_sizes, int(mesh.devices.size),
-                                   c.embedding_layout)
-      counts = self._row_counts()
-      hot_ids = emb_lib.hot_rows_from_counts(counts, num_hot, layout.offsets)
+      hot_rows = emb_lib.hot_rows_from_counts(self._row_counts(), num_hot)
     return emb_lib.ShardedEmbedding(
         cfg.table_sizes, cfg.embed_dim, mesh, mode=c.embedding_layout,
-        hot_ids=hot_ids)
+        hot_rows=hot_rows)
 
   def _row_counts(self) -> list[np.ndarray]:
     """How often each row occurs: counted over the training data (its first
@@ -324,7 +321,8 @@ class DLRM(Workload):
   def bench_info(self) -> dict[str, Any]:
     """Embedding traffic per training example, for jaxperf.bench."""
     info = {f'embedding_bytes_{k}': v
-            for k, v in self.emb.bytes_per_sample().items()}
+            for k, v in self.emb.bytes_per_sample(
+                int(self.config.global_batch_size)).items()}
     info.update(embedding_layout=self.emb.layout.mode,
                 hot_rows=int(self.emb.hot_ids.size),
                 replicated_tables=len(self.emb.replicated_tables),
