@@ -1329,22 +1329,29 @@ def _report(result: dict[str, Any], json_path: str | None) -> int:
   return 0
 
 
+def _reject_image_flags(args: argparse.Namespace, model: str,
+                        sizes: str) -> None:
+  """UserError if flags of the convolutional models were given for
+  `model`, whose own size flags are `sizes`."""
+  given = [f for f, bad in (
+      ('--image-size', args.image_size is not None),
+      ('--num-classes', args.num_classes is not None),
+      ('--filters', args.filters is not None),
+      ('--activation', args.activation is not None),
+      ('--upsample', args.upsample is not None),
+      ('--wgrad', args.wgrad != 'auto'),
+      ('--torch-contiguous', args.torch_contiguous)) if bad]
+  if given:
+    raise UserError(f'{", ".join(given)}: not for --model {model} (its sizes '
+                    f'are {sizes})')
+
+
 def _main_bert(args: argparse.Namespace, flags: dict[str, int | None]
                ) -> int:
   """--model bert: HF BertForPreTraining against models/bert.py."""
   try:
-    given = [f for f, bad in (
-        ('--image-size', args.image_size is not None),
-        ('--num-classes', args.num_classes is not None),
-        ('--filters', args.filters is not None),
-        ('--activation', args.activation is not None),
-        ('--upsample', args.upsample is not None),
-        ('--wgrad', args.wgrad != 'auto'),
-        ('--torch-contiguous', args.torch_contiguous)) if bad]
-    if given:
-      raise UserError(f'{", ".join(given)}: not for --model bert (its sizes '
-                      f'are --seq-len, --layers, --hidden-size, --num-heads, '
-                      f'--intermediate-size, --vocab-size)')
+    _reject_image_flags(args, 'bert', '--seq-len, --layers, --hidden-size, '
+                        '--num-heads, --intermediate-size, --vocab-size')
     batch = _BERT_DEFAULTS[0] if args.batch is None else args.batch
     options = {k: v for k, v in flags.items() if v is not None}
     options.setdefault('seq_len', _BERT_DEFAULTS[1])
@@ -1360,17 +1367,7 @@ def _main_bert(args: argparse.Namespace, flags: dict[str, int | None]
 def _main_dlrm(args: argparse.Namespace) -> int:
   """--model dlrm: jaxperf.torch_models.dlrm against models/dlrm.py."""
   try:
-    given = [f for f, bad in (
-        ('--image-size', args.image_size is not None),
-        ('--num-classes', args.num_classes is not None),
-        ('--filters', args.filters is not None),
-        ('--activation', args.activation is not None),
-        ('--upsample', args.upsample is not None),
-        ('--wgrad', args.wgrad != 'auto'),
-        ('--torch-contiguous', args.torch_contiguous)) if bad]
-    if given:
-      raise UserError(f'{", ".join(given)}: not for --model dlrm (its sizes '
-                      f'are --batch, --tables, --embed-dim)')
+    _reject_image_flags(args, 'dlrm', '--batch, --tables, --embed-dim')
     options = {'tables': (DLRM_TABLE_CAP if args.tables is None
                           else args.tables)}
     if args.embed_dim is not None:

@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import jax
@@ -34,7 +33,7 @@ from jaxperf.checkpoint import Checkpointer
 from jaxperf.errors import ConfigError, TrainingError
 from jaxperf.mlperf_log import C, MLPerfLogger
 from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import TrainState, Workload, new_rng
+from jaxperf.workloads.base import Workload, new_rng
 
 
 @dataclasses.dataclass

@@ -9,25 +9,10 @@ import pytest
 
 from jaxperf.data import bert, tfrecord
 from jaxperf.errors import DataError
+from tests.batches import assert_batches_equal, take
 
 S, P, V = 32, 5, 512    # tiny sequence length, predictions and vocabulary
 N = 20                  # records per file
-
-
-def _take(it, n):
-  out = [next(it) for _ in range(n)]
-  close = getattr(it, 'close', None)
-  if close:
-    close()
-  return out
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _source(n=N, **kw):
@@ -81,9 +66,9 @@ def test_on_disk_format_round_trip(shards):
   for name in bert.UNPACKED_FEATURES:
     np.testing.assert_array_equal(got[name],
                                   np.stack([e[name] for e in written]), name)
-  _assert_batches_equal([ds.rows(np.arange(2 * N))],
+  assert_batches_equal([ds.rows(np.arange(2 * N))],
                         [src.rows(np.arange(2 * N))])
-  _assert_batches_equal([bert.read_file(path, seq_len=S, max_predictions=P,
+  assert_batches_equal([bert.read_file(path, seq_len=S, max_predictions=P,
                                         vocab_size=V)],
                         [src.rows(np.arange(N))])
 
@@ -95,7 +80,7 @@ def test_reads_the_generic_serializer_and_unpacked_lists(tmp_path):
   tfrecord.write_tfrecord(path, ({k: [float(x) if k == 'masked_lm_weights'
                                       else int(x) for x in v]
                                   for k, v in e.items()} for e in examples))
-  _assert_batches_equal([_reader(path).rows(np.arange(3))],
+  assert_batches_equal([_reader(path).rows(np.arange(3))],
                         [src.rows(np.arange(3))])
   # A list in unpacked encoding (one varint field per value) is read too;
   # a second Features message merges into the first, as in protobuf.
@@ -138,7 +123,7 @@ def test_unpacked_rows_are_the_one_sequence_case(shards):
   np.testing.assert_array_equal(batch['next_sentence_positions'], 0)
   np.testing.assert_array_equal(batch['next_sentence_weights'], 1)
   back = bert.examples_to_batch(bert.batch_to_examples(batch))
-  _assert_batches_equal([back], [batch])
+  assert_batches_equal([back], [batch])
 
 
 # ---------------------------------------------------------------- order
@@ -149,12 +134,12 @@ def test_train_stream_is_deterministic_and_resumable(shards):
   files = str(d / 'part-*')
   # 5 records a batch over 40 records: 8 steps an epoch; 12 cross into the
   # second epoch.
-  full = _take(_reader(files).train_batches(0, 5), 12)
-  again = _take(_reader(files, prefetch=2).train_batches(0, 5), 12)
-  _assert_batches_equal(full, again)
-  resumed = _take(_reader(files).train_batches(7, 5), 5)
-  _assert_batches_equal(resumed, full[7:])
-  other_seed = _take(_reader(files, seed=2).train_batches(0, 5), 1)
+  full = take(_reader(files).train_batches(0, 5), 12)
+  again = take(_reader(files, prefetch=2).train_batches(0, 5), 12)
+  assert_batches_equal(full, again)
+  resumed = take(_reader(files).train_batches(7, 5), 5)
+  assert_batches_equal(resumed, full[7:])
+  other_seed = take(_reader(files, seed=2).train_batches(0, 5), 1)
   assert not np.array_equal(other_seed[0]['input_ids'], full[0]['input_ids'])
 
 
@@ -171,8 +156,8 @@ def test_each_epoch_sees_every_record_once(shards):
 def test_process_slices_make_the_global_batch(shards):
   d, _ = shards
   files = str(d / 'part-*')
-  whole = _take(_reader(files).train_batches(3, 8), 2)
-  parts = [_take(_reader(files).train_batches(3, 8, process_index=i,
+  whole = take(_reader(files).train_batches(3, 8), 2)
+  parts = [take(_reader(files).train_batches(3, 8, process_index=i,
                                                process_count=4), 2)
            for i in range(4)]
   for step in range(2):
@@ -325,9 +310,9 @@ def test_packed_files_and_shapes(tmp_path, shards):
       tmp_path, seq_len=S, max_predictions=P, vocab_size=V, packed=True,
       max_sequences_per_row=3, prefetch=0)
   assert train.packed and not evaluation.packed
-  _assert_batches_equal([train.rows(np.arange(len(rows)))],
+  assert_batches_equal([train.rows(np.arange(len(rows)))],
                         [bert.to_batch(rows)])
-  tb = _take(train.train_batches(0, 4), 1)[0]
+  tb = take(train.train_batches(0, 4), 1)[0]
   eb = next(evaluation.eval_batches(4))
   for k in bert.BATCH_KEYS:
     assert tb[k].shape == eb[k].shape and tb[k].dtype == eb[k].dtype, k
@@ -364,7 +349,7 @@ def test_packed_record_checks(tmp_path, shards):
 
 def test_synthetic_is_deterministic():
   a, b = _source(64), _source(64)
-  _assert_batches_equal([a.rows(np.arange(64))], [b.rows(np.arange(64))])
+  assert_batches_equal([a.rows(np.arange(64))], [b.rows(np.arange(64))])
   # A row depends on its index only, not on the batch it comes in.
   x = a.rows(np.array([7, 3, 50]))
   y = a.rows(np.arange(64))
@@ -493,9 +478,9 @@ def test_synthetic_is_learnable(vocab, packed):
 def test_synthetic_streams_and_close():
   train, evaluation = bert.synthetic_bert(50, 10, vocab_size=V, seq_len=S,
                                           max_predictions=P, prefetch=2)
-  a = _take(train.train_batches(4, 6), 3)
-  b = _take(train.train_batches(5, 6), 2)
-  _assert_batches_equal(a[1:], b)
+  a = take(train.train_batches(4, 6), 3)
+  b = take(train.train_batches(5, 6), 2)
+  assert_batches_equal(a[1:], b)
   batches = list(evaluation.eval_batches(4))
   assert [int(x['mask'].sum()) for x in batches] == [4, 4, 2]
   stream = train.train_batches(0, 2)

@@ -11,6 +11,7 @@ import pytest
 from jaxperf.data import criteo
 from jaxperf.errors import DataError
 from jaxperf.metrics.auc import auc
+from tests.batches import assert_batches_equal, take
 
 GB = 8                      # global batch
 N_TRAIN = 10 * GB + 3       # ten blocks and 3 rows that are never trained on
@@ -19,22 +20,6 @@ M = 100                     # max_ind_range of the tiny files
 # Raw feature counts: some above M, so their tables are capped at M.
 COUNTS = [3, 250, 7, 100, 1000, 12] + [5 + 9 * j for j in range(20)]
 SIZES = [min(c, M) for c in COUNTS]
-
-
-def _take(it, n):
-  out = [next(it) for _ in range(n)]
-  close = getattr(it, 'close', None)
-  if close:
-    close()
-  return out
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _random_rows(n, seed):
@@ -120,7 +105,7 @@ def test_train_batches_are_shuffled_blocks_of_the_file(tiny):
   _, train, _, train_rows, _ = tiny
   blocks = train.steps_per_epoch(GB)
   assert blocks == 10 and train.dropped_train_rows(GB) == 3
-  batches = _take(train.train_batches(0, GB), 3 * blocks)
+  batches = take(train.train_batches(0, GB), 3 * blocks)
   starts = []
   for step, b in enumerate(batches):
     first = train.train_order(step, GB)
@@ -141,7 +126,7 @@ def test_train_batches_are_shuffled_blocks_of_the_file(tiny):
 def test_dropped_rows_are_never_trained_on(tiny):
   _, train, _, train_rows, _ = tiny
   seen = np.concatenate([b['sparse'] for b in
-                         _take(train.train_batches(0, GB), 2 * 10)])
+                         take(train.train_batches(0, GB), 2 * 10)])
   tail = (train_rows[2][-3:] % M).astype(np.int32)
   covered = {r.tobytes() for r in seen}
   assert len(covered) == 10 * GB
@@ -152,34 +137,34 @@ def test_dropped_rows_are_never_trained_on(tiny):
 
 def test_resume_matches_the_uninterrupted_stream(tiny):
   train = tiny[1]
-  whole = _take(train.train_batches(0, GB), 25)
+  whole = take(train.train_batches(0, GB), 25)
   for start in (7, 10, 13):   # inside an epoch, at and after its end
-    _assert_batches_equal(_take(train.train_batches(start, GB), 25 - start),
+    assert_batches_equal(take(train.train_batches(start, GB), 25 - start),
                           whole[start:])
 
 
 def test_processes_split_each_batch(tiny):
   train, evaluation = tiny[1], tiny[2]
-  one = _take(train.train_batches(4, GB), 12)
-  parts = [_take(train.train_batches(4, GB, process_index=p,
+  one = take(train.train_batches(4, GB), 12)
+  parts = [take(train.train_batches(4, GB, process_index=p,
                                      process_count=2), 12) for p in range(2)]
   assert parts[0][0]['label'].shape == (GB // 2,)
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
             for a, b in zip(*parts)]
-  _assert_batches_equal(joined, one)
+  assert_batches_equal(joined, one)
   one = list(evaluation.eval_batches(GB))
   parts = [list(evaluation.eval_batches(GB, process_index=p, process_count=2))
            for p in range(2)]
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
             for a, b in zip(*parts)]
-  _assert_batches_equal(joined, one)
+  assert_batches_equal(joined, one)
 
 
 def test_prefetched_stream_matches_and_closes(tiny):
   path, train = tiny[0], tiny[1]
-  plain = _take(train.train_batches(3, GB), 6)
+  plain = take(train.train_batches(3, GB), 6)
   fetched, _ = _open(path, prefetch=2)
-  _assert_batches_equal(_take(fetched.train_batches(3, GB), 6), plain)
+  assert_batches_equal(take(fetched.train_batches(3, GB), 6), plain)
   fetched.close()
   with pytest.raises(RuntimeError, match='closed'):
     fetched.train_batches(0, GB)
@@ -296,7 +281,7 @@ def test_synthetic_rows_are_zipf_like_and_valid():
   top = np.sort(big)[::-1]
   assert top[:10].sum() > 0.25 * big.sum()       # a few hot rows dominate
   assert np.argmax(big) != 0                    # scattered, not row 0
-  b = _take(train.train_batches(0, 1000), 1)[0]
+  b = take(train.train_batches(0, 1000), 1)[0]
   assert b['sparse'].dtype == np.int32 and b['dense'].dtype == np.float32
   assert (b['sparse'] < np.asarray(SYN_SIZES)).all()
   assert (b['dense'] >= 0).all() and b['dense'].max() > 2.0
@@ -318,8 +303,8 @@ def test_synthetic_is_deterministic_in_the_seed():
   # Train and eval share the model, not the rows.
   assert not np.array_equal(a[0].rows[:200], a[1].rows)
   assert a[0].model is a[1].model
-  _assert_batches_equal(_take(a[0].train_batches(2, 100), 4),
-                        _take(b[0].train_batches(2, 100), 4))
+  assert_batches_equal(take(a[0].train_batches(2, 100), 4),
+                        take(b[0].train_batches(2, 100), 4))
 
 
 # ---------------------------------------------------------------- errors

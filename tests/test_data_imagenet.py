@@ -14,23 +14,10 @@ from PIL import Image
 from jaxperf.data import augment, imagenet, prefetch, tfrecord
 from jaxperf.errors import ConfigError, DataError
 from tests import imagenet_fixtures as fx
+from tests.batches import assert_batches_equal, take
 
 S = 24          # image size used throughout: small keeps the tests fast
 SEED = 3
-
-
-def _take(it, n):
-  out = [next(it) for _ in range(n)]
-  it.close()
-  return out
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +56,7 @@ def test_shapes_dtypes_and_labels_per_class(folder, opened):
   assert (train.num_examples, evals.num_examples) == (24, 8)
   assert train.num_classes == evals.num_classes == 4
   assert train.classes == [fx.wnid(c) for c in range(4)]
-  b = _take(train.train_batches(0, 8), 1)[0]
+  b = take(train.train_batches(0, 8), 1)[0]
   assert set(b) == {'image', 'label'}
   assert b['image'].shape == (8, S, S, 3) and b['image'].dtype == np.uint8
   assert b['label'].shape == (8,) and b['label'].dtype == np.int32
@@ -86,19 +73,19 @@ def test_same_seed_same_stream_whatever_the_workers(folder, opened):
   one, _ = opened(folder, num_workers=1, prefetch=0)
   four, _ = opened(folder, num_workers=4, prefetch=3)
   again, _ = opened(folder, num_workers=4)
-  a = _take(one.train_batches(0, 8), 4)
-  _assert_batches_equal(a, _take(four.train_batches(0, 8), 4))
-  _assert_batches_equal(a, _take(again.train_batches(0, 8), 4))
+  a = take(one.train_batches(0, 8), 4)
+  assert_batches_equal(a, take(four.train_batches(0, 8), 4))
+  assert_batches_equal(a, take(again.train_batches(0, 8), 4))
   other, _ = opened(folder, seed=SEED + 1)
-  b = _take(other.train_batches(0, 8), 1)[0]
+  b = take(other.train_batches(0, 8), 1)[0]
   assert not np.array_equal(a[0]['image'], b['image'])
 
 
 def test_resume_equals_the_uninterrupted_stream(folder, opened):
   train, _ = opened(folder)
-  full = _take(train.train_batches(0, 10), 7)    # 70 slots: ~3 epochs of 24
+  full = take(train.train_batches(0, 10), 7)    # 70 slots: ~3 epochs of 24
   for k in (2, 5):                               # step 2 spans epochs 0 and 1
-    _assert_batches_equal(full[k:], _take(train.train_batches(k, 10), 7 - k))
+    assert_batches_equal(full[k:], take(train.train_batches(k, 10), 7 - k))
 
 
 def test_each_example_once_per_epoch(folder, opened):
@@ -115,14 +102,14 @@ def test_each_example_once_per_epoch(folder, opened):
   assert not np.array_equal(train.permutation(0), train.permutation(1))
   # The stream serves exactly those examples.
   labels = np.concatenate([b['label'] for b in
-                           _take(train.train_batches(0, gb), 12)])
+                           take(train.train_batches(0, gb), 12)])
   np.testing.assert_array_equal(labels, train.labels[index])
 
 
 def test_process_slices_make_up_the_global_batch(folder, opened):
   train, evals = opened(folder)
-  whole = _take(train.train_batches(2, 8), 2)
-  parts = [_take(train.train_batches(2, 8, process_index=p, process_count=2),
+  whole = take(train.train_batches(2, 8), 2)
+  parts = [take(train.train_batches(2, 8, process_index=p, process_count=2),
                  2) for p in range(2)]
   for t in range(2):
     for k in ('image', 'label'):
@@ -266,10 +253,10 @@ def test_corrupt_jpeg_names_the_file(tmp_path, opened):
   train, _ = opened(root)
   with pytest.raises(DataError, match=f'corrupt image {victim}: cannot be '
                      'decoded'):
-    _take(train.train_batches(0, 8), 1)
+    take(train.train_batches(0, 8), 1)
   train, _ = opened(root, prefetch=0)
   with pytest.raises(DataError, match=f'corrupt image {victim}'):
-    _take(train.train_batches(0, 8), 1)
+    take(train.train_batches(0, 8), 1)
   truncated = sorted((root / 'val' / fx.wnid(2)).iterdir())[0]
   truncated.write_bytes(truncated.read_bytes()[:200])
   _, evals = opened(root)
@@ -495,9 +482,9 @@ def test_tfrecord_layouts_give_the_folder_batches(tmp_path, folder, opened,
   assert train.num_classes == 1000
   for i in range(24):
     assert train.read(i)[:2] == ftrain.read(i)[:2]
-  _assert_batches_equal(_take(train.train_batches(1, 10), 3),
-                        _take(ftrain.train_batches(1, 10), 3))
-  _assert_batches_equal(list(evals.eval_batches(5)),
+  assert_batches_equal(take(train.train_batches(1, 10), 3),
+                        take(ftrain.train_batches(1, 10), 3))
+  assert_batches_equal(list(evals.eval_batches(5)),
                         list(fevals.eval_batches(5)))
 
 
@@ -540,7 +527,7 @@ def test_tfrecord_bad_records_name_file_and_record(tmp_path, opened):
   train, _ = opened(root)
   with pytest.raises(DataError, match='corrupt image .*' + where(1) +
                      ': cannot be decoded'):
-    _take(train.train_batches(0, 2), 1)
+    take(train.train_batches(0, 2), 1)
 
 
 def test_open_imagenet_detects_all_layouts(tmp_path, folder, opened):

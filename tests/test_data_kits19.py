@@ -11,24 +11,11 @@ import pytest
 
 from jaxperf.data import kits19
 from jaxperf.errors import DataError
+from tests.batches import assert_batches_equal, take
 
 P = (8, 8, 8)       # training patch used throughout: small keeps tests fast
 SEED = 5
 FLIPS = ([], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2])
-
-
-def _take(it, n):
-  out = [next(it) for _ in range(n)]
-  it.close()
-  return out
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +83,7 @@ def test_shapes_and_dtypes(tiny, opened):
   train, evals = opened(path)
   assert (train.num_examples, evals.num_examples) == (12, 4)
   assert train.case_ids == train_ids and evals.case_ids == eval_ids
-  b = _take(train.train_batches(0, 4), 1)[0]
+  b = take(train.train_batches(0, 4), 1)[0]
   assert set(b) == {'image', 'label'}
   assert b['image'].shape == (4, *P, 1) and b['image'].dtype == np.float32
   assert b['label'].shape == (4, *P) and b['label'].dtype == np.int32
@@ -118,18 +105,18 @@ def test_shapes_and_dtypes(tiny, opened):
 def test_same_seed_same_stream_whatever_the_workers(tiny, opened):
   one, _ = opened(tiny[0], num_workers=1, prefetch=0)
   three, _ = opened(tiny[0], num_workers=3, prefetch=3)
-  a = _take(one.train_batches(0, 6), 4)
-  _assert_batches_equal(a, _take(three.train_batches(0, 6), 4))
+  a = take(one.train_batches(0, 6), 4)
+  assert_batches_equal(a, take(three.train_batches(0, 6), 4))
   other, _ = opened(tiny[0], seed=SEED + 1)
-  b = _take(other.train_batches(0, 6), 1)[0]
+  b = take(other.train_batches(0, 6), 1)[0]
   assert not np.array_equal(a[0]['image'], b['image'])
 
 
 def test_resume_equals_the_uninterrupted_stream(tiny, opened):
   train, _ = opened(tiny[0])
-  full = _take(train.train_batches(0, 5), 8)     # 40 slots: 3+ epochs of 12
+  full = take(train.train_batches(0, 5), 8)     # 40 slots: 3+ epochs of 12
   for k in (2, 5):                               # step 2 spans epochs 0 and 1
-    _assert_batches_equal(full[k:], _take(train.train_batches(k, 5), 8 - k))
+    assert_batches_equal(full[k:], take(train.train_batches(k, 5), 8 - k))
 
 
 def test_each_case_once_per_epoch(tiny, opened):
@@ -147,8 +134,8 @@ def test_each_case_once_per_epoch(tiny, opened):
 
 def test_process_slices_make_up_the_global_batch(tiny, opened):
   train, evals = opened(tiny[0])
-  whole = _take(train.train_batches(3, 6), 2)
-  parts = [_take(train.train_batches(3, 6, process_index=p, process_count=2),
+  whole = take(train.train_batches(3, 6), 2)
+  parts = [take(train.train_batches(3, 6, process_index=p, process_count=2),
                  2) for p in range(2)]
   for t in range(2):
     assert parts[0][t]['image'].shape[0] == 3
@@ -180,7 +167,7 @@ def test_foreground_crops_at_the_oversampling_rate(tmp_path, opened,
   train, _ = opened(tmp_path, oversampling=oversampling)
   n = 600
   labels = np.concatenate([b['label'] for b in
-                           _take(train.train_batches(0, 60), n // 60)])
+                           take(train.train_batches(0, 60), n // 60)])
   hit = labels.reshape(n, -1).max(1) > 0
   if oversampling in (0.0, 1.0):
     assert hit.mean() == oversampling
@@ -270,7 +257,7 @@ def test_pipeline_patches_are_aligned_crops(tmp_path, opened):
     kits19.write_case(tmp_path, f'case_{i:05d}', label * 10.0, label)
   _write_split(tmp_path, ['case_00002'])
   train, _ = opened(tmp_path)
-  (b,) = _take(train.train_batches(0, 30), 1)
+  (b,) = take(train.train_batches(0, 30), 1)
   index, _ = train.train_order(0, 30)
   for image, label, i in zip(b['image'][..., 0], b['label'], index):
     assert any(np.array_equal(label, np.flip(labels[i], axes))
@@ -332,7 +319,7 @@ def test_synthetic_cases_have_all_classes_and_vary():
   part = train.read(0, ((1, d), (2, h - 1), (3, w)))
   np.testing.assert_array_equal(part[0], image[1:, 2:-1, 3:])
   np.testing.assert_array_equal(part[1], label[1:, 2:-1, 3:])
-  b = _take(train.train_batches(0, 4), 1)[0]
+  b = take(train.train_batches(0, 4), 1)[0]
   assert b['image'].shape == (4, 12, 12, 16, 1)
   assert b['label'].shape == (4, 12, 12, 16) and b['label'].dtype == np.int32
   other, _ = kits19.synthetic_kits19(6, 1, **{**kw, 'seed': 4})
@@ -488,7 +475,7 @@ def test_small_case_message_and_values_checked_on_read(tmp_path, opened):
                      r'0 to 5; expected only 0'):
     list(evals.cases())
   with pytest.raises(DataError, match=r'case_00001_y\.npy: label values'):
-    _take(train.train_batches(0, 3), 1)
+    take(train.train_batches(0, 3), 1)
   _good(tmp_path, n=4)
   image = np.zeros((1, 10, 10, 10), np.float32)
   image[0, 4, 4, 4] = np.nan
@@ -496,4 +483,4 @@ def test_small_case_message_and_values_checked_on_read(tmp_path, opened):
   for in_memory in (True, False):
     train, _ = opened(tmp_path, in_memory=in_memory)
     with pytest.raises(DataError, match=r'case_00002_x\.npy: .*NaN'):
-      _take(train.train_batches(0, 3), 1)
+      take(train.train_batches(0, 3), 1)

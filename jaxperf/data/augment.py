@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import abc
 import collections
-import concurrent.futures
 import io
 import math
-import threading
-import weakref
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-from jaxperf.data.prefetch import Prefetcher
+from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
 AREA_RANGE = (0.05, 1.0)
@@ -208,7 +205,7 @@ def epoch_order(step: int, global_batch: int, process_index: int,
   return index, epochs, slots
 
 
-class ImageDataset(abc.ABC):
+class ImageDataset(PrefetchedStreams, abc.ABC):
   """Train and eval batch streams over `num_examples` encoded images.
 
   Subclasses implement `read(index) -> (encoded image, label, where)`; `where`
@@ -234,12 +231,7 @@ class ImageDataset(abc.ABC):
     self.num_classes = int(num_classes)
     self.image_size = int(image_size)
     self.seed = int(seed)
-    self.num_workers = int(num_workers)
-    self.prefetch = int(prefetch)
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._pool_lock = threading.Lock()
-    self._streams: weakref.WeakSet = weakref.WeakSet()
-    self._closed = False
+    self._init_streams(prefetch, num_workers, pool_name='io')
 
   @abc.abstractmethod
   def read(self, index: int) -> tuple[bytes, int, str]:
@@ -307,15 +299,7 @@ class ImageDataset(abc.ABC):
       yield self._submit(index, None, pad_to=local)
 
   def _stream(self, jobs: Iterator) -> Iterator[dict[str, np.ndarray]]:
-    if self._closed:
-      raise RuntimeError('the dataset is closed')
-    batches = self._assemble(jobs)
-    if not self.prefetch:
-      return batches
-    stream = Prefetcher(batches, self.prefetch,
-                        name=f'{type(self).__name__}-prefetch')
-    self._streams.add(stream)
-    return stream
+    return self._prefetched(self._assemble(jobs))
 
   def _assemble(self, jobs: Iterator) -> Iterator[dict[str, np.ndarray]]:
     """Keeps `_IN_FLIGHT` batches submitted; yields them in order, complete."""
@@ -364,30 +348,3 @@ class ImageDataset(abc.ABC):
       batch['image'][j] = train_image(data, where, self.image_size, rng)
     batch['label'][j] = label
 
-  def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-    with self._pool_lock:
-      if self._closed:
-        raise RuntimeError('the dataset is closed')
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.num_workers, thread_name_prefix=f'{type(self).__name__}-io')
-      return self._pool
-
-  def close(self) -> None:
-    """Stops the streams and worker threads; idempotent."""
-    with self._pool_lock:
-      self._closed = True
-      pool, self._pool = self._pool, None
-    streams = list(self._streams)
-    for s in streams:
-      s.close(timeout=0)
-    if pool is not None:
-      pool.shutdown(wait=False, cancel_futures=True)
-    for s in streams:
-      s.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()

@@ -74,7 +74,6 @@ from __future__ import annotations
 import concurrent.futures
 import glob as glob_lib
 import os
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -82,7 +81,7 @@ import numpy as np
 
 from jaxperf.data import tfrecord
 from jaxperf.data.augment import epoch_order, local_batch_size
-from jaxperf.data.prefetch import Prefetcher
+from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 101, 102, 103
@@ -546,7 +545,7 @@ def write_rows(path: str | os.PathLike,
 # ---------------------------------------------------------------- sources
 
 
-class BertSource:
+class BertSource(PrefetchedStreams):
   """Train and eval streams over `num_examples` rows; subclasses make rows.
 
   Subclasses set seq_len, max_sequences, max_predictions (the batches' P')
@@ -565,9 +564,7 @@ class BertSource:
       raise ConfigError(f'prefetch must be >= 0, got {prefetch}')
     self.num_examples = int(num_examples)
     self.seed = int(seed)
-    self.prefetch = int(prefetch)
-    self._streams: weakref.WeakSet = weakref.WeakSet()
-    self._closed = False
+    self._init_streams(prefetch)
 
   def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
     raise NotImplementedError
@@ -634,26 +631,7 @@ class BertSource:
     return self._stream(batches())
 
   def _stream(self, batches: Iterator) -> Iterator[dict[str, np.ndarray]]:
-    if self._closed:
-      raise RuntimeError('the dataset is closed')
-    if not self.prefetch:
-      return batches
-    stream = Prefetcher(batches, self.prefetch,
-                        name=f'{type(self).__name__}-prefetch')
-    self._streams.add(stream)
-    return stream
-
-  def close(self) -> None:
-    """Stops the streams; idempotent."""
-    self._closed = True
-    for s in list(self._streams):
-      s.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+    return self._prefetched(batches)
 
 
 def _expand(files: str | os.PathLike | Sequence[str | os.PathLike]

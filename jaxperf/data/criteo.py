@@ -50,14 +50,13 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxperf.data.augment import local_batch_size
-from jaxperf.data.prefetch import Prefetcher
+from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
 NUM_DENSE = 13
@@ -181,7 +180,7 @@ def load_rows(path: str | os.PathLike) -> np.ndarray:
 # ---------------------------------------------------------------- datasets
 
 
-class CriteoDataset:
+class CriteoDataset(PrefetchedStreams):
   """Train and eval batch streams over rows in the reference layout.
 
   rows: an int32 array-like [N, 40] (a memmap of a .bin file, or memory);
@@ -218,10 +217,8 @@ class CriteoDataset:
     self.max_ind_range = (int(max_ind_range) if max_ind_range is not None
                           and max_ind_range > 0 else None)
     self.seed = int(seed)
-    self.prefetch = int(prefetch)
+    self._init_streams(prefetch)
     self._sizes = np.asarray(table_sizes, np.int64)
-    self._streams: weakref.WeakSet = weakref.WeakSet()
-    self._closed = False
 
   # --- rows ------------------------------------------------------------------
   def _fail_at(self, bad: np.ndarray, first: int) -> tuple[int, int]:
@@ -397,26 +394,7 @@ class CriteoDataset:
     return counts
 
   def _stream(self, batches: Iterator) -> Iterator[dict[str, np.ndarray]]:
-    if self._closed:
-      raise RuntimeError('the dataset is closed')
-    if not self.prefetch:
-      return batches
-    stream = Prefetcher(batches, self.prefetch,
-                        name=f'{type(self).__name__}-prefetch')
-    self._streams.add(stream)
-    return stream
-
-  def close(self) -> None:
-    """Stops the streams; idempotent."""
-    self._closed = True
-    for s in list(self._streams):
-      s.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+    return self._prefetched(batches)
 
 
 def _add_counts(counts: np.ndarray, index: np.ndarray) -> None:

@@ -72,19 +72,17 @@ from __future__ import annotations
 
 import abc
 import collections
-import concurrent.futures
 import math
 import os
 import re
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from jaxperf.data.augment import epoch_order, local_batch_size
-from jaxperf.data.prefetch import Prefetcher
+from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
 Shape3 = tuple[int, int, int]
@@ -222,7 +220,7 @@ def _shape3(value, name: str) -> Shape3:
 # ---------------------------------------------------------------- sources
 
 
-class Kits19Source(abc.ABC):
+class Kits19Source(PrefetchedStreams, abc.ABC):
   """One split of KiTS19-like cases: training batches and whole cases.
 
   Subclasses give each case's shape and its voxels in a box (`read`); this
@@ -250,15 +248,10 @@ class Kits19Source(abc.ABC):
     self.patch_shape = _shape3(patch_shape, 'patch_shape')
     self.oversampling = float(oversampling)
     self.seed = int(seed)
-    self.num_workers = int(num_workers)
-    self.prefetch = int(prefetch)
+    self._init_streams(prefetch, num_workers, pool_name='aug')
     self._foreground: list[dict[int, list[Box]] | None] = (
         [None] * self.num_examples)
     self._locks = [threading.RLock() for _ in range(self.num_examples)]
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._pool_lock = threading.Lock()
-    self._streams: weakref.WeakSet = weakref.WeakSet()
-    self._closed = False
 
   # --- cases -----------------------------------------------------------------
   @abc.abstractmethod
@@ -379,15 +372,7 @@ class Kits19Source(abc.ABC):
     batch['label'][j] = label
 
   def _stream(self, jobs: Iterator) -> Iterator[dict[str, np.ndarray]]:
-    if self._closed:
-      raise RuntimeError('the dataset is closed')
-    batches = self._assemble(jobs)
-    if not self.prefetch:
-      return batches
-    stream = Prefetcher(batches, self.prefetch,
-                        name=f'{type(self).__name__}-prefetch')
-    self._streams.add(stream)
-    return stream
+    return self._prefetched(self._assemble(jobs))
 
   def _assemble(self, jobs: Iterator) -> Iterator[dict[str, np.ndarray]]:
     """Keeps `_IN_FLIGHT` batches submitted; yields them in order, complete."""
@@ -405,33 +390,6 @@ class Kits19Source(abc.ABC):
         for f in futures:
           f.cancel()
 
-  def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-    with self._pool_lock:
-      if self._closed:
-        raise RuntimeError('the dataset is closed')
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.num_workers, thread_name_prefix=f'{type(self).__name__}-aug')
-      return self._pool
-
-  def close(self) -> None:
-    """Stops the streams and worker threads; idempotent."""
-    with self._pool_lock:
-      self._closed = True
-      pool, self._pool = self._pool, None
-    streams = list(self._streams)
-    for s in streams:
-      s.close(timeout=0)
-    if pool is not None:
-      pool.shutdown(wait=False, cancel_futures=True)
-    for s in streams:
-      s.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
 
 
 # ---------------------------------------------------------------- files

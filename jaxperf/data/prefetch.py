@@ -11,6 +11,7 @@ generator's `finally` blocks run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 import weakref
@@ -114,6 +115,67 @@ class Prefetcher(Iterator[T], Generic[T]):
     return self._thread.is_alive()
 
   def __enter__(self) -> Prefetcher[T]:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+class PrefetchedStreams:
+  """What a dataset needs to hand out batch streams: each stream runs
+  `prefetch` batches ahead in a Prefetcher thread (0: in the caller's
+  thread), an optional pool of `num_workers` threads fills batches, and
+  `close()` stops every stream and the pool. Usable as a context manager.
+
+  A dataset calls `_init_streams(prefetch, num_workers)` from its
+  constructor, wraps its batch iterators with `_prefetched`, and takes the
+  pool from `_executor()`.
+  """
+
+  def _init_streams(self, prefetch: int, num_workers: int = 0,
+                    pool_name: str = 'io') -> None:
+    self.prefetch = int(prefetch)
+    self.num_workers = int(num_workers)
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self._pool_name = pool_name
+    self._pool_lock = threading.Lock()
+    self._streams: weakref.WeakSet = weakref.WeakSet()
+    self._closed = False
+
+  def _prefetched(self, batches: Iterator[Any]) -> Iterator[Any]:
+    if self._closed:
+      raise RuntimeError('the dataset is closed')
+    if not self.prefetch:
+      return batches
+    stream = Prefetcher(batches, self.prefetch,
+                        name=f'{type(self).__name__}-prefetch')
+    self._streams.add(stream)
+    return stream
+
+  def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    with self._pool_lock:
+      if self._closed:
+        raise RuntimeError('the dataset is closed')
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max(self.num_workers, 1),
+            thread_name_prefix=f'{type(self).__name__}-{self._pool_name}')
+      return self._pool
+
+  def close(self) -> None:
+    """Stops the streams and worker threads; idempotent."""
+    with self._pool_lock:
+      self._closed = True
+      pool, self._pool = self._pool, None
+    streams = list(self._streams)
+    for s in streams:
+      s.close(timeout=0)
+    if pool is not None:
+      pool.shutdown(wait=False, cancel_futures=True)
+    for s in streams:
+      s.close()
+
+  def __enter__(self):
     return self
 
   def __exit__(self, *exc_info) -> None:

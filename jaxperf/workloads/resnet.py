@@ -21,7 +21,7 @@ from jaxperf.errors import ConfigError
 from jaxperf.models import resnet as resnet_model
 from jaxperf.optim import (decay_steps, mlperf_lars, poly_warmup_schedule,
                            sgd_momentum, weight_decay_mask)
-from jaxperf.workloads.base import TrainState, Workload, new_rng
+from jaxperf.workloads.base import TrainState, Workload
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
