@@ -12,12 +12,25 @@ logits [B, D, H, W, C] and integer labels [B, D, H, W]:
 
 with smooth = 1e-6 in numerator and denominator. Only jnp reductions over
 named axes are used, so the spatial axes may be sharded across devices.
+
+RetinaNet (OpenImages): `retinanet_losses` is torchvision's RetinaNet loss
+(the MLPerf reference's), with each image's ground truth padded to a fixed
+number of boxes and marked by a validity mask, so that shapes are static:
+anchors are matched to ground truths by IoU (Matcher(0.5, 0.4) with
+low-quality matches), the classification loss is the sigmoid focal loss
+summed over all but the ignored anchors and the box loss the L1 distance to
+the encoded matched boxes summed over the foreground anchors, both divided by
+the image's number of foreground anchors (at least 1) and averaged over the
+batch.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxperf.models import layers
+from jaxperf.models.layers.anchors import BETWEEN_THRESHOLDS
 
 
 def _compute_dtype(logits: jax.Array):
@@ -102,3 +115,159 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, num_classes: int = 3,
   dice = dice_scores(logits, labels, num_classes=num_classes,
                      include_background=include_background, smooth=smooth)
   return (jnp.mean(1.0 - dice) + cross_entropy(logits, labels)) / 2
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array,
+                       alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+  """Elementwise sigmoid focal loss, as torchvision.ops.sigmoid_focal_loss.
+
+  With p = sigmoid(x) and ce the binary cross-entropy of the logits x:
+
+      p_t  = p * t + (1 - p) * (1 - t)
+      loss = alpha_t * ce * (1 - p_t) ** gamma,
+      alpha_t = alpha * t + (1 - alpha) * (1 - t)
+
+  and no alpha weighting when alpha is negative (torchvision's -1).
+
+  Args:
+    logits: float array of any shape; half precision is computed in float32.
+    targets: same shape, 1 for positives and 0 for negatives (soft targets
+      are allowed).
+    alpha: weight of the positives, in [0, 1], or -1 for none.
+    gamma: focusing exponent.
+
+  Returns:
+    The unreduced loss, logits' shape, float32 (float64 for float64 logits).
+  """
+  if not 0 <= alpha <= 1 and alpha != -1:
+    raise ValueError(f'alpha must be in [0, 1] or -1, got {alpha}')
+  dt = _compute_dtype(logits)
+  x = logits.astype(dt)
+  t = jnp.asarray(targets).astype(dt)
+  p = jax.nn.sigmoid(x)
+  # binary_cross_entropy_with_logits: (1 - t) x - log(sigmoid(x)).
+  ce = (1 - t) * x - jax.nn.log_sigmoid(x)
+  p_t = p * t + (1 - p) * (1 - t)
+  loss = ce * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+  return loss
+
+
+def _box_regression_loss(pred: jax.Array, target: jax.Array, kind: str,
+                         beta: float) -> jax.Array:
+  """Unreduced L1 or smooth L1 (torch's F.smooth_l1_loss) of pred - target."""
+  diff = jnp.abs(pred - target)
+  if kind == 'l1' or beta == 0:
+    return diff
+  return jnp.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+
+
+def _retinanet_image_losses(cls_logits, bbox_regression, anchors, gt_boxes,
+                            gt_labels, gt_valid, bbox_reg_loss, beta, alpha,
+                            gamma, fg_iou_thresh, bg_iou_thresh):
+  """One image's (classification, box regression) losses, each / max(1, fg)."""
+  dt = _compute_dtype(cls_logits)
+  anchors = anchors.astype(dt)
+  gt_boxes = gt_boxes.astype(dt)
+  num_classes = cls_logits.shape[-1]
+  iou = layers.box_iou(gt_boxes, anchors)                     # [G, A]
+  matches = layers.match_anchors(iou, gt_valid, high=fg_iou_thresh,
+                                 low=bg_iou_thresh,
+                                 allow_low_quality_matches=True)
+  foreground = matches >= 0
+  counted = matches != BETWEEN_THRESHOLDS
+  num_foreground = jnp.sum(foreground)
+  normalizer = jnp.maximum(num_foreground, 1).astype(dt)
+  gt_index = jnp.maximum(matches, 0)
+
+  # Classification: one-hot targets on the foreground, all-zero targets on
+  # the background, nothing from anchors between the thresholds.
+  anchor_labels = jnp.where(foreground, gt_labels.astype(jnp.int32)[gt_index],
+                            -1)
+  targets = (anchor_labels[:, None] ==
+             jnp.arange(num_classes, dtype=anchor_labels.dtype)[None, :])
+  focal = sigmoid_focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma)
+  cls_loss = jnp.sum(jnp.where(counted[:, None], focal, 0)) / normalizer
+
+  # Box regression on the foreground. Other anchors are given themselves as
+  # the matched box, whose code is exactly 0, so no inf or nan can reach the
+  # gradient through the masked-out branch.
+  matched_boxes = jnp.where(foreground[:, None], gt_boxes[gt_index], anchors)
+  target_codes = layers.encode_boxes(matched_boxes, anchors)
+  box = _box_regression_loss(bbox_regression.astype(dt), target_codes,
+                             bbox_reg_loss, beta)
+  box_loss = jnp.sum(jnp.where(foreground[:, None], box, 0)) / normalizer
+  return cls_loss, box_loss
+
+
+def retinanet_losses(cls_logits: jax.Array, bbox_regression: jax.Array,
+                     anchors: jax.Array, gt_boxes: jax.Array,
+                     gt_labels: jax.Array, gt_valid: jax.Array, *,
+                     bbox_reg_loss: str = 'l1', beta: float = 1.0,
+                     alpha: float = 0.25, gamma: float = 2.0,
+                     fg_iou_thresh: float = 0.5,
+                     bg_iou_thresh: float = 0.4) -> dict[str, jax.Array]:
+  """The RetinaNet training losses, as torchvision's RetinaNet computes them.
+
+  For each image the IoU of every ground truth with every anchor is matched
+  as torchvision's Matcher(fg_iou_thresh, bg_iou_thresh,
+  allow_low_quality_matches=True) does (`jaxperf.models.layers.match_anchors`);
+  padding ground truths (gt_valid False) never match, and an image without
+  any valid ground truth has all its anchors in the background. Then
+
+  * classification: the sigmoid focal loss of the logits against one-hot
+    targets of the matched labels on foreground anchors and all-zero targets
+    on background anchors, summed over both (anchors between the thresholds
+    are ignored);
+  * bbox_regression: the L1 (or smooth L1) distance between the predicted
+    codes and the matched boxes encoded against their anchors (BoxCoder with
+    unit weights), summed over the foreground anchors;
+
+  each divided by max(1, number of foreground anchors) of the image, then
+  averaged over the batch. `loss` is their sum, what the reference trains on.
+
+  Memory: the IoU is [B, G, A] and the focal loss one [B, A, C] tensor; the
+  function is jittable and every shape is static.
+
+  Args:
+    cls_logits: [B, A, C] class logits of the head.
+    bbox_regression: [B, A, 4] predicted box codes (dx, dy, dw, dh).
+    anchors: [A, 4] anchors (x1, y1, x2, y2), shared by the batch.
+    gt_boxes: [B, G, 4] ground-truth boxes (x1, y1, x2, y2), padded to G.
+    gt_labels: [B, G] integer class ids in [0, C).
+    gt_valid: [B, G] bool, False for padding.
+    bbox_reg_loss: 'l1' (torchvision RetinaNet's) or 'smooth_l1'.
+    beta: the smooth L1 threshold (torchvision's default 1.0).
+    alpha: focal loss weight of the positives.
+    gamma: focal loss exponent.
+    fg_iou_thresh: IoU from which an anchor is foreground.
+    bg_iou_thresh: IoU below which an anchor is background.
+
+  Returns:
+    dict with float32 (float64 for float64 logits) scalars 'classification',
+    'bbox_regression' and 'loss'.
+  """
+  if bbox_reg_loss not in ('l1', 'smooth_l1'):
+    raise ValueError(f"bbox_reg_loss must be 'l1' or 'smooth_l1', got "
+                     f'{bbox_reg_loss!r}')
+  if cls_logits.ndim != 3 or bbox_regression.shape != cls_logits.shape[:2] + (
+      4,):
+    raise ValueError('expected cls_logits [B, A, C] and bbox_regression '
+                     f'[B, A, 4], got {cls_logits.shape} and '
+                     f'{bbox_regression.shape}')
+  anchors = jnp.asarray(anchors)
+  if anchors.shape != (cls_logits.shape[1], 4):
+    raise ValueError(f'anchors must be [{cls_logits.shape[1]}, 4], got '
+                     f'{anchors.shape}')
+  per_image = jax.vmap(
+      lambda c, r, b, l, v: _retinanet_image_losses(
+          c, r, anchors, b, l, v, bbox_reg_loss, beta, alpha, gamma,
+          fg_iou_thresh, bg_iou_thresh))
+  cls_loss, box_loss = per_image(cls_logits, bbox_regression,
+                                 jnp.asarray(gt_boxes), jnp.asarray(gt_labels),
+                                 jnp.asarray(gt_valid, bool))
+  classification = jnp.mean(cls_loss)
+  regression = jnp.mean(box_loss)
+  return {'classification': classification, 'bbox_regression': regression,
+          'loss': classification + regression}
