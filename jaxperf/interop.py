@@ -8,9 +8,13 @@ Models: 'resnet50' (torchvision's ResNet-50 <-> models/resnet.py),
 'unet3d' (the MLPerf reference 3D U-Net, jaxperf.torch_models.unet3d <->
 models/unet3d.py, any `filters` widths: see unet3d_tensors), 'bert' (HF
 transformers' BertForPreTraining, or the MLPerf reference's TF1 checkpoint,
-<-> models/bert.py, any size: see bert_tensors) and 'dlrm' (the MLPerf
+<-> models/bert.py, any size: see bert_tensors), 'dlrm' (the MLPerf
 reference's DLRM_Net, jaxperf.torch_models.dlrm <-> models/dlrm.py, any
-number of tables and MLP widths: see dlrm_tensors).
+number of tables and MLP widths: see dlrm_tensors) and 'retinanet'
+(torchvision's RetinaNet with the MLPerf reference's ResNeXt50-32x4d FPN
+backbone <-> models/retinanet.py, any number of classes and anchors: see
+retinanet_tensors; its frozen batch norms' four tensors are Flax
+'batch_stats').
 
 `variables` is the Flax dict {'params': ..., 'batch_stats': ...} ({'params':
 ...} alone for unet3d, whose instance norms keep no statistics, and for
@@ -542,6 +546,172 @@ def _dlrm(names: Iterable[str] | None,
                       dims=None if shapes is None else dlrm_dims(shapes))
 
 
+# ------------------------------------------------------------------ retinanet
+
+RETINANET_NUM_CLASSES = 264
+RETINANET_NUM_ANCHORS = 9
+# The conv layers of each RetinaNet head (torchvision: conv.0..3, each a
+# Conv2dNormActivation whose convolution is `.0`).
+_RETINANET_HEAD_CONVS = 4
+# Names of the MLPerf reference's own copy of RetinaNet (and of torchvision
+# before its Conv2dNormActivation blocks): the FPN's convolutions without the
+# `.0`, the heads' as the even entries of a Sequential of conv and ReLU.
+_RETINANET_LEGACY_FPN = re.compile(
+    r'^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$')
+_RETINANET_LEGACY_HEAD = re.compile(
+    r'^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$')
+
+
+def _frozen_bn(torch_prefix: str, flax_module: tuple[str, ...],
+               c: int | None) -> list[_Tensor]:
+  """torchvision FrozenBatchNorm2d <-> models/retinanet.FrozenBatchNorm."""
+  return [_Tensor(f'{torch_prefix}.{name}',
+                  ('batch_stats', *flax_module, flax_name), 'vector',
+                  None if c is None else (c,))
+          for name, flax_name in (('weight', 'scale'), ('bias', 'bias'),
+                                  ('running_mean', 'mean'),
+                                  ('running_var', 'var'))]
+
+
+def retinanet_tensors(num_classes: int | None = None,
+                      num_anchors: int | None = None,
+                      stage_sizes: Sequence[int] = (3, 4, 6, 3),
+                      groups: int = 32, width_per_group: int = 4,
+                      fpn_channels: int = 256) -> list[_Tensor]:
+  """torchvision's RetinaNet (ResNeXt FPN backbone) <-> models/retinanet.py.
+
+  One entry per tensor, in the order of torchvision's state_dict. Given
+  num_classes and num_anchors each entry carries its PyTorch shape.
+
+  Mapping: backbone.body.conv1 <-> backbone/conv0; backbone.body.bn1 <->
+  backbone/bn0; backbone.body.layer{s}.{u}.conv{k} / bn{k} <->
+  backbone/stage{s}_unit{u + 1}/conv{k} / bn{k}; .downsample.0 / .1 <->
+  conv1sc / bnsc. Frozen batch norms' weight, bias, running_mean and
+  running_var <-> batch_stats .../scale, bias, mean, var.
+  backbone.fpn.inner_blocks.{i}.0 / layer_blocks.{i}.0 <-> fpn/inner{i} /
+  layer{i}; backbone.fpn.extra_blocks.p6 / p7 <-> fpn/p6 / p7;
+  head.{classification,regression}_head.conv.{i}.0 <->
+  {classification,regression}_head/conv{i}; cls_logits and bbox_reg keep
+  their names. Convolution weights <-> kernel, biases <-> bias.
+  """
+  known = num_classes is not None and num_anchors is not None
+  shape = lambda *s: tuple(s) if known else None
+  out = [_Tensor('backbone.body.conv1.weight',
+                 ('params', 'backbone', 'conv0', 'kernel'), 'conv',
+                 shape(64, 3, 7, 7)),
+         *_frozen_bn('backbone.body.bn1', ('backbone', 'bn0'),
+                     64 if known else None)]
+  cin = 64
+  for s, blocks in enumerate(stage_sizes):
+    filters = 64 * 2**s
+    width = filters * width_per_group * groups // 64
+    for u in range(blocks):
+      tp, fm = f'backbone.body.layer{s + 1}.{u}', f'stage{s + 1}_unit{u + 1}'
+      convs = ((1, width, cin, 1), (2, width, width // groups, 3),
+               (3, 4 * filters, width, 1))
+      for k, co, ci, ks in convs:
+        out.append(_Tensor(f'{tp}.conv{k}.weight',
+                           ('params', 'backbone', fm, f'conv{k}', 'kernel'),
+                           'conv', shape(co, ci, ks, ks)))
+        out += _frozen_bn(f'{tp}.bn{k}', ('backbone', fm, f'bn{k}'),
+                          co if known else None)
+      if u == 0:
+        out.append(_Tensor(f'{tp}.downsample.0.weight',
+                           ('params', 'backbone', fm, 'conv1sc', 'kernel'),
+                           'conv', shape(4 * filters, cin, 1, 1)))
+        out += _frozen_bn(f'{tp}.downsample.1', ('backbone', fm, 'bnsc'),
+                          4 * filters if known else None)
+      cin = 4 * filters
+  f = fpn_channels
+
+  def conv(torch_prefix, flax_module, cout, cin, k):
+    return [_Tensor(f'{torch_prefix}.weight',
+                    ('params', *flax_module, 'kernel'), 'conv',
+                    shape(cout, cin, k, k)),
+            _Tensor(f'{torch_prefix}.bias', ('params', *flax_module, 'bias'),
+                    'vector', shape(cout))]
+  levels = range(1, len(stage_sizes))
+  for i, s in enumerate(levels):
+    out += conv(f'backbone.fpn.inner_blocks.{i}.0', ('fpn', f'inner{i}'), f,
+                64 * 2**s * 4, 1)
+  for i, _ in enumerate(levels):
+    out += conv(f'backbone.fpn.layer_blocks.{i}.0', ('fpn', f'layer{i}'), f,
+                f, 3)
+  for p in ('p6', 'p7'):
+    out += conv(f'backbone.fpn.extra_blocks.{p}', ('fpn', p), f, f, 3)
+  for head, final, per_anchor in (
+      ('classification_head', 'cls_logits', num_classes),
+      ('regression_head', 'bbox_reg', 4)):
+    for i in range(_RETINANET_HEAD_CONVS):
+      out += conv(f'head.{head}.conv.{i}.0', (head, f'conv{i}'), f, f, 3)
+    out += conv(f'head.{head}.{final}', (head, final),
+                (num_anchors * per_anchor) if known else None, f, 3)
+  return out
+
+
+def retinanet_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+  """num_classes and num_anchors of a RetinaNet from its PyTorch shapes.
+
+  Read from the biases of bbox_reg (anchors * 4) and cls_logits (anchors *
+  classes); the other tensors are then checked against them.
+  """
+  def length(name):
+    s = tuple(shapes[name])
+    if len(s) != 1 or s[0] <= 0:
+      raise InteropError(f'retinanet: tensor {name} has shape {s}, expected '
+                         f'one positive length')
+    return int(s[0])
+  reg = length('head.regression_head.bbox_reg.bias')
+  cls = length('head.classification_head.cls_logits.bias')
+  if reg % 4 or cls % (reg // 4):
+    raise InteropError(
+        f'retinanet: tensor head.regression_head.bbox_reg.bias has length '
+        f'{reg} and head.classification_head.cls_logits.bias {cls}: they '
+        f'must be anchors * 4 and anchors * classes')
+  return {'num_anchors': reg // 4, 'num_classes': cls // (reg // 4)}
+
+
+def _retinanet(names: Iterable[str] | None,
+               shapes: Mapping[str, tuple[int, ...]] | None
+               ) -> list[_Tensor]:
+  del names
+  return retinanet_tensors(**(retinanet_dims(shapes) if shapes else {}))
+
+
+def retinanet_current_name(name: str) -> str:
+  """torchvision's current name of a RetinaNet tensor given in the MLPerf
+  reference's (older torchvision's) naming; other names are unchanged."""
+  if m := _RETINANET_LEGACY_FPN.match(name):
+    return f'{m.group(1)}.0.{m.group(2)}'
+  if (m := _RETINANET_LEGACY_HEAD.match(name)) and int(m.group(2)) % 2 == 0:
+    return f'{m.group(1)}.{int(m.group(2)) // 2}.0.{m.group(3)}'
+  return name
+
+
+def retinanet_checker_tensor_names() -> list[str]:
+  """The tensor names the MLPerf checker wants for RetinaNet.
+
+  These are the `tensor` values of the weights_initialization events that
+  closed_ssd.yaml (MLPerf Training 2.1.0 and later) requires: the 89
+  parameters of the reference model (its batch norms are frozen buffers, not
+  parameters) in the reference's naming (older torchvision's: FPN
+  inner_blocks.{i}.weight, heads conv.{0,2,4,6}.weight) behind the
+  "module." of its DistributedDataParallel wrapper, sorted.
+  """
+  legacy = {}
+  for i in range(3):
+    for kind in ('inner', 'layer'):
+      for w in ('weight', 'bias'):
+        legacy[f'backbone.fpn.{kind}_blocks.{i}.0.{w}'] = (
+            f'backbone.fpn.{kind}_blocks.{i}.{w}')
+  for head in ('classification_head', 'regression_head'):
+    for i in range(_RETINANET_HEAD_CONVS):
+      for w in ('weight', 'bias'):
+        legacy[f'head.{head}.conv.{i}.0.{w}'] = f'head.{head}.conv.{2 * i}.{w}'
+  return sorted('module.' + legacy.get(t.torch_name, t.torch_name)
+                for t in retinanet_tensors() if t.flax_path[0] == 'params')
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):
@@ -891,18 +1061,26 @@ _MODELS: dict[str, Callable[..., list[_Tensor]]] = {
                                      unet3d_tensors(**unet3d_dims(shapes))),
     'bert': _bert,
     'dlrm': _dlrm,
+    'retinanet': _retinanet,
 }
 # Per model: entries of the variables that are a list of arrays (dlrm's
 # tables) rather than a dict; internally they are dicts keyed '0', '1', ...
 _LISTS = {'dlrm': ('tables',)}
 # Models whose to_torch output is checked against the sizes it implies (a
 # tree with a table too many or a layer of the wrong width is an error).
-_TO_TORCH_CHECKED = ('dlrm',)
+_TO_TORCH_CHECKED = ('dlrm', 'retinanet')
 # Models whose tensors have TF1 checkpoint names (from_tf_checkpoint).
 _TF_MODELS = ('bert',)
 # Per model: the keyword options of from_torch / from_tf_checkpoint.
 _OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',),
-            'dlrm': ()}
+            'dlrm': (), 'retinanet': ()}
+# Models whose batch norms keep no num_batches_tracked (frozen batch norms):
+# to_torch writes none for them.
+_NO_BATCH_COUNT = ('retinanet',)
+# Per model: the current name of a tensor given under an older name (the
+# MLPerf RetinaNet reference names its tensors as older torchvision did).
+_RENAMES: dict[str, Callable[[str], str]] = {
+    'retinanet': retinanet_current_name}
 
 
 def _tensors(model_name: str, names: Iterable[str] | None = None,
@@ -1002,6 +1180,11 @@ def _describe_dims(model_name: str, raw: Mapping[str, np.ndarray],
     return (', '.join(f'{k}={v}' for k, v in d.items()) + ', read from the '
             'word, position and token-type embeddings, layer 0\'s '
             'intermediate dense and the layer names (num_heads as given)')
+  if model_name == 'retinanet':
+    d = retinanet_dims(shapes)
+    return (f'num_classes={d["num_classes"]}, num_anchors='
+            f'{d["num_anchors"]}, read from the biases of bbox_reg and '
+            f'cls_logits')
   if model_name == 'dlrm':
     d = dlrm_dims(shapes)
     return (f'{len(d["table_sizes"])} tables of width {d["embed_dim"]}, '
@@ -1085,18 +1268,36 @@ def _assemble(model_name: str, raw: Mapping[str, np.ndarray],
   return out
 
 
+def _renamed(model_name: str, state_dict: Mapping[str, Any]
+             ) -> Mapping[str, Any]:
+  """`state_dict` with older names of _RENAMES replaced by current ones."""
+  rename = _RENAMES.get(model_name)
+  if rename is None:
+    return state_dict
+  out, source = {}, {}
+  for k, v in state_dict.items():
+    new = rename(k)
+    if new in out:
+      raise InteropError(f'{model_name}: tensors {source[new]} and {k} are '
+                         f'both {new}')
+    out[new], source[new] = v, k
+  return out
+
+
 def from_torch(model_name: str, state_dict: Mapping[str, Any],
                expected: Mapping | None = None, **options: Any
                ) -> dict[str, Any]:
   """Flax variables from a PyTorch reference state_dict.
 
   Args:
-    model_name: 'resnet50', 'unet3d', 'bert' or 'dlrm'.
+    model_name: 'resnet50', 'unet3d', 'bert', 'dlrm' or 'retinanet'.
     state_dict: the reference module's state_dict (tensors or arrays).
+      retinanet also takes the MLPerf reference's older names (see
+      retinanet_current_name).
     expected: optional variables (or jax.eval_shape of them, boxed or not)
       of the target model; shapes are checked against them, tensor by
-      tensor. (unet3d, bert and dlrm tensors are also checked against the
-      sizes the state_dict implies.)
+      tensor. (unet3d, bert, dlrm and retinanet tensors are also checked
+      against the sizes the state_dict implies.)
     **options: bert: num_heads, which no shape tells (default: read from
       `expected` if given, else BERT-large's 16). The depth and every other
       size of a BERT are read from the state_dict (bert_dims), and so are
@@ -1104,6 +1305,7 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
   """
   options = _check_options(model_name, options, expected)
   expected = _lists_as_dicts(model_name, expected)
+  state_dict = _renamed(model_name, state_dict)
   ignored = _IGNORED_NAMES.get(model_name, ())
   tied = _TIED.get(model_name, {})
   given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)
@@ -1224,7 +1426,8 @@ def to_torch(model_name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     a = np.array(_get(variables, t.flax_path, model_name), np.float32)
     out[t.torch_name] = torch.from_numpy(
         np.ascontiguousarray(_to_torch_layout(t, a)))
-    if t.torch_name.endswith('running_var'):
+    if (t.torch_name.endswith('running_var')
+        and model_name not in _NO_BATCH_COUNT):
       out[t.torch_name[:-len('running_var')] + 'num_batches_tracked'] = (
           torch.tensor(0, dtype=torch.long))
   if model_name in _TO_TORCH_CHECKED:
