@@ -162,6 +162,17 @@ def _time_jax_step(step: Callable, state: Any, *args: Any, warmup: int,
   return compile_s, _timed(run, warmup, repeats)
 
 
+def _time_torch_step(loss_fn: Callable[[], Any], opt: Any, warmup: int,
+                     repeats: int) -> list[float]:
+  """Per-step seconds of a PyTorch training step: zero_grad, loss_fn()
+  backward, opt.step()."""
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    opt.step()
+  return _timed(step, warmup, repeats)
+
+
 def machine() -> dict[str, Any]:
   """bench's machine description plus the devices, XLA flags and PyTorch."""
   from jaxperf.bench import machine_info  # pylint: disable=g-import-not-at-top
@@ -306,14 +317,10 @@ class ResNet50Pair:
       tm = tm.to(memory_format=torch.channels_last)
       x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=0.9)
-
-    def torch_step():
-      opt.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.cross_entropy(
-          tm(x), self.tlabels, label_smoothing=LABEL_SMOOTHING)
-      loss.backward()
-      opt.step()
-    t_times = _timed(torch_step, warmup, repeats)
+    t_times = _time_torch_step(
+        lambda: torch.nn.functional.cross_entropy(
+            tm(x), self.tlabels, label_smoothing=LABEL_SMOOTHING),
+        opt, warmup, repeats)
     jt, tt = statistics.median(j_times), statistics.median(t_times)
     return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
                     'step_times_s': j_times},
@@ -532,13 +539,8 @@ class Unet3DPair:
       tm = tm.to(memory_format=torch.channels_last_3d)
       x = x.contiguous(memory_format=torch.channels_last_3d)
     opt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=0.9, nesterov=True)
-
-    def torch_step():
-      opt.zero_grad(set_to_none=True)
-      loss = self.torch_loss(tm(x))
-      loss.backward()
-      opt.step()
-    t_times = _timed(torch_step, warmup, repeats)
+    t_times = _time_torch_step(lambda: self.torch_loss(tm(x)), opt, warmup,
+                               repeats)
     jt, tt = statistics.median(j_times), statistics.median(t_times)
     return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
                     'step_times_s': j_times},
@@ -823,12 +825,8 @@ class BertPair:
 
     tm = copy.deepcopy(self.tmodel).eval()    # eval: dropout off, as in JAX
     opt = torch.optim.AdamW(tm.parameters(), lr=lr, weight_decay=0.01)
-
-    def torch_step():
-      opt.zero_grad(set_to_none=True)
-      self.torch_loss(tm).backward()
-      opt.step()
-    t_times = _timed(torch_step, warmup, repeats)
+    t_times = _time_torch_step(lambda: self.torch_loss(tm), opt, warmup,
+                               repeats)
     jt, tt = statistics.median(j_times), statistics.median(t_times)
     return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
                     'step_times_s': j_times},
@@ -1052,12 +1050,8 @@ class DLRMPair:
 
     tm = copy.deepcopy(self.tmodel).train()
     opt = torch.optim.SGD(tm.parameters(), lr=lr)
-
-    def torch_step():
-      opt.zero_grad(set_to_none=True)
-      self.torch_loss(tm).backward()
-      opt.step()
-    t_times = _timed(torch_step, warmup, repeats)
+    t_times = _time_torch_step(lambda: self.torch_loss(tm), opt, warmup,
+                               repeats)
     jt, tt = statistics.median(j_times), statistics.median(t_times)
     return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
                     'step_times_s': j_times},

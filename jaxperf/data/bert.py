@@ -71,6 +71,7 @@ masking (see its docstring). Helpers: `examples_to_batch`, `batch_to_examples`,
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import glob as glob_lib
 import os
@@ -545,7 +546,7 @@ def write_rows(path: str | os.PathLike,
 # ---------------------------------------------------------------- sources
 
 
-class BertSource(PrefetchedStreams):
+class BertSource(PrefetchedStreams, abc.ABC):
   """Train and eval streams over `num_examples` rows; subclasses make rows.
 
   Subclasses set seq_len, max_sequences, max_predictions (the batches' P')
@@ -566,8 +567,9 @@ class BertSource(PrefetchedStreams):
     self.seed = int(seed)
     self._init_streams(prefetch)
 
+  @abc.abstractmethod
   def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+    """The rows at `index`, as numpy arrays keyed by feature."""
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of the rows in training epoch `epoch`."""
