@@ -1,6 +1,6 @@
 """Embedding tables sharded over devices: lookups, sparse updates, hot rows.
 
-DLRM's tables (188M rows of 128 floats for Criteo 1TB, ~96 GB) cannot be
+A recommender's embedding tables (up to hundreds of millions of rows) cannot be
 replicated, so they live in one stacked [rows, dim] array whose rows are split
 into equal blocks over every device of the mesh (device d owns global rows
 [d * R, (d + 1) * R)), while the batch, and the dense part of the model, are
@@ -16,7 +16,7 @@ stack is the layout:
 * 'table': each table whole on one device (largest first onto the least
   loaded device with fewer than ceil(T / n) tables), each device's block
   padded to the largest. A lookup is the
-  classic DLRM all-to-all: every device sends each owner the indices of the
+  classic recommender all-to-all: every device sends each owner the indices of the
   owner's tables for its samples, owners gather, and a second all-to-all
   returns the rows. It moves 1/n of the row mode's data but balances memory
   only as well as the table sizes allow.
@@ -28,11 +28,11 @@ the transposed collectives bring the gradients back to the owners), and each
 owner scatter-adds -lr * gradient into its block (`sgd_update`). Repeated
 indices add up, as in a dense SGD step; no collective ever carries a table.
 
-Hybrid (HugeCTR's "hybrid embedding"): the most frequent rows, chosen from a
+Hybrid (hot rows replicated): the most frequent rows, chosen from a
 frequency count of the training data, are also kept replicated on every
 device ('hot' [H, dim]). A hot index is looked up locally and its gradient
 summed across devices with an all-reduce of [H, dim]; tables whose every row
-is hot (Criteo's many small tables) leave the exchange altogether, which is
+is hot (typically the many small tables) leave the exchange altogether, which is
 where the communication saving is; the price is the all-reduce of the
 [H, dim] gradient every step, so the hot set must be small beside what it
 takes out of the exchange (bytes_per_sample counts both). Slots of hot rows
