@@ -1,6 +1,8 @@
 """Evaluation metrics of the MLPerf workloads."""
 
 from jaxperf.metrics.auc import auc
+from jaxperf.metrics.coco import coco_box_map
+from jaxperf.metrics.coco import detections_to_coco
 from jaxperf.metrics.segmentation import dice
 
-__all__ = ['auc', 'dice']
+__all__ = ['auc', 'coco_box_map', 'detections_to_coco', 'dice']

@@ -11,9 +11,11 @@ from .boxes import batched_nms
 from .boxes import box_area
 from .boxes import box_iou
 from .boxes import nms
+from .detection import rescale_boxes
+from .detection import retinanet_postprocess
 
 __all__ = [
     'anchors_per_level', 'batched_nms', 'box_area', 'box_iou', 'cell_anchors',
     'decode_boxes', 'encode_boxes', 'feature_sizes', 'match_anchors', 'nms',
-    'retinanet_anchors',
+    'rescale_boxes', 'retinanet_anchors', 'retinanet_postprocess',
 ]
