@@ -110,10 +110,10 @@ class ResNeXtBottleneck(nn.Module):
     norm = lambda name: FrozenBatchNorm(dtype=self.dtype, name=name)
     residual = x
     y = nn.relu(norm('bn1')(conv(self.width, 1, 1, 'VALID', 'conv1')(x)))
-    y = nn.Conv(self.width, (3, 3), (self.strides, self.strides),
-                padding=_PAD1, feature_group_count=self.groups,
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=_BACKBONE_INIT, name='conv2')(y)
+    y = Conv(self.width, (3, 3), (self.strides, self.strides),
+             padding=_PAD1, dtype=self.dtype, kernel_init=_BACKBONE_INIT,
+             wgrad=self.wgrad, feature_group_count=self.groups,
+             name='conv2')(y)
     y = nn.relu(norm('bn2')(y))
     y = norm('bn3')(conv(self.filters * 4, 1, 1, 'VALID', 'conv3')(y))
     if self.project:
@@ -127,18 +127,20 @@ class ResNeXtBackbone(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   groups: int = 32
   width_per_group: int = 4
+  # Stem channels; stage s (from 0) has base_width * 2^s bottleneck filters.
+  base_width: int = 64
   dtype: Dtype = jnp.float32
   wgrad: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
-    x = Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), dtype=self.dtype,
+    x = Conv(self.base_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), dtype=self.dtype,
              kernel_init=_BACKBONE_INIT, wgrad=self.wgrad, name='conv0')(x)
     x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name='bn0')(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=_PAD1)
     outputs = []
     for stage, blocks in enumerate(self.stage_sizes):
-      filters = 64 * 2**stage
+      filters = self.base_width * 2**stage
       for unit in range(blocks):
         x = ResNeXtBottleneck(
             filters=filters,
@@ -229,21 +231,24 @@ class RetinaNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   groups: int = 32
   width_per_group: int = 4
+  # Stem channels (64 in the reference; smaller for scaled-down runs).
+  base_width: int = 64
   fpn_channels: int = FPN_CHANNELS
   # Leading backbone stages kept frozen, the stem being stage 0: 5 minus
   # torchvision's trainable_backbone_layers (3 in the MLPerf reference).
   frozen_stages: int = 2
   dtype: Dtype = jnp.float32
-  # Kernel-gradient algorithm of the backbone's ungrouped convolutions (see
-  # layers/conv.py).
+  # Kernel-gradient algorithm of the backbone's convolutions (see
+  # layers/conv.py; 'matmul' is much faster on CPU, above all for the
+  # grouped ones).
   wgrad: str = 'xla'
 
   @nn.compact
   def __call__(self, images, return_features: bool = False):
     x = images.astype(self.dtype)
     c345 = ResNeXtBackbone(self.stage_sizes, self.groups,
-                           self.width_per_group, self.dtype, self.wgrad,
-                           name='backbone')(x)
+                           self.width_per_group, self.base_width, self.dtype,
+                           self.wgrad, name='backbone')(x)
     features = FPN(self.fpn_channels, self.dtype, name='fpn')(c345)
     cls_logits = RetinaNetHead(
         self.num_classes, self.num_anchors, self.fpn_channels,

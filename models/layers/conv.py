@@ -8,6 +8,11 @@ with `wgrad='matmul'` uses that, and is otherwise a bias-free
 flax.linen.Conv (same parameter name, shape, init and forward). Results agree
 with XLA's to float rounding. The number of spatial dimensions follows
 `kernel_size` (2: NHWC/HWIO, 3: NDHWC/DHWIO).
+
+Grouped convolutions (`feature_group_count` > 1, e.g. ResNeXt's) suffer
+most: on CPU XLA's kernel gradient of a 32-group 3x3 convolution is 20-60
+times slower than its forward pass; per tap it is one batched matrix product
+over the groups.
 """
 
 from __future__ import annotations
@@ -25,16 +30,20 @@ Padding = tuple[tuple[int, int], ...]
 _DIMS = {2: ('NHWC', 'HWIO', 'NHWC'), 3: ('NDHWC', 'DHWIO', 'NDHWC')}
 
 
-def _conv(x, w, strides, padding):
+def _conv(x, w, strides, padding, groups=1):
   return jax.lax.conv_general_dilated(x, w, strides, padding,
-                                      dimension_numbers=_DIMS[len(strides)])
+                                      dimension_numbers=_DIMS[len(strides)],
+                                      feature_group_count=groups)
 
 
 def kernel_grad(x: jax.Array, gy: jax.Array, kernel_shape: Sequence[int],
-                strides: Sequence[int], padding: Padding) -> jax.Array:
-  """d(sum(conv(x, w) * gy))/dw as one matrix product per kernel tap."""
-  nd = len(kernel_shape)
+                strides: Sequence[int], padding: Padding,
+                groups: int = 1) -> jax.Array:
+  """d(sum(conv(x, w) * gy))/dw as one matrix product per kernel tap (per
+  tap and group for a grouped convolution: [*kernel_shape, ci / groups,
+  co], output channels group-major as XLA orders them)."""
   ci, co = x.shape[-1], gy.shape[-1]
+  acc = jnp.promote_types(x.dtype, jnp.float32)
   out_sp = gy.shape[1:-1]
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   g = gy.reshape(-1, co)
@@ -45,26 +54,34 @@ def kernel_grad(x: jax.Array, gy: jax.Array, kernel_shape: Sequence[int],
              *(t + (o - 1) * s + 1 for t, o, s in zip(tap, out_sp, strides)),
              ci)
     xs = jax.lax.slice(xp, start, limit, (1, *strides, 1))
-    taps.append(jnp.dot(xs.reshape(-1, ci).T, g,
-                        preferred_element_type=jnp.promote_types(
-                            x.dtype, jnp.float32)))
-  return jnp.stack(taps).reshape(*kernel_shape, ci, co)
+    if groups == 1:
+      taps.append(jnp.dot(xs.reshape(-1, ci).T, g,
+                          preferred_element_type=acc))
+    else:
+      xg = xs.reshape(-1, groups, ci // groups)
+      gg = g.reshape(-1, groups, co // groups)
+      # [ci / groups, groups, co / groups]: output channel = group-major.
+      taps.append(jnp.einsum('ngi,ngo->igo', xg, gg,
+                             preferred_element_type=acc
+                             ).reshape(ci // groups, co))
+  return jnp.stack(taps).reshape(*kernel_shape, ci // groups, co)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_matmul_wgrad(x, w, strides, padding):
-  return _conv(x, w, strides, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_matmul_wgrad(x, w, strides, padding, groups=1):
+  return _conv(x, w, strides, padding, groups)
 
 
-def _fwd(x, w, strides, padding):
-  return _conv(x, w, strides, padding), (x, w)
+def _fwd(x, w, strides, padding, groups):
+  return _conv(x, w, strides, padding, groups), (x, w)
 
 
-def _bwd(strides, padding, res, gy):
+def _bwd(strides, padding, groups, res, gy):
   x, w = res
-  _, input_vjp = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)
+  _, input_vjp = jax.vjp(lambda x_: _conv(x_, w, strides, padding, groups), x)
   dx = input_vjp(gy)[0]
-  dw = kernel_grad(x, gy, w.shape[:-2], strides, padding).astype(w.dtype)
+  dw = kernel_grad(x, gy, w.shape[:-2], strides, padding,
+                   groups).astype(w.dtype)
   return dx, dw
 
 
@@ -81,6 +98,7 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.he_normal()
   wgrad: str = 'xla'
+  feature_group_count: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -88,14 +106,19 @@ class Conv(nn.Module):
     nd = len(ks)
     if nd not in _DIMS:
       raise ValueError(f'Conv supports 2 or 3 spatial dims, got kernel {ks}')
+    groups = int(self.feature_group_count)
+    if x.shape[-1] % groups or self.features % groups:
+      raise ValueError(f'{groups} groups must divide the input channels '
+                       f'({x.shape[-1]}) and features ({self.features})')
     kernel = self.param('kernel', self.kernel_init,
-                        (*ks, x.shape[-1], self.features), jnp.float32)
+                        (*ks, x.shape[-1] // groups, self.features),
+                        jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     padding = ((0, 0),) * nd if self.padding == 'VALID' else tuple(
         tuple(p) for p in self.padding)
     strides = tuple(self.strides) if self.strides is not None else (1,) * nd
     if self.wgrad == 'matmul':
-      return conv_matmul_wgrad(x, kernel, strides, padding)
+      return conv_matmul_wgrad(x, kernel, strides, padding, groups)
     if self.wgrad != 'xla':
       raise ValueError(f"wgrad must be 'xla' or 'matmul', got {self.wgrad!r}")
-    return _conv(x, kernel, strides, padding)
+    return _conv(x, kernel, strides, padding, groups)
