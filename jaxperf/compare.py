@@ -1,4 +1,4 @@
-"""python -m jaxperf.compare: JAX vs PyTorch (resnet50, unet3d, bert, dlrm).
+"""python -m jaxperf.compare: JAX vs the PyTorch references, same weights.
 
 Builds the PyTorch reference model, copies its weights into the jaxperf model
 (jaxperf.interop), runs both on the same batch in float32 and reports:
@@ -76,6 +76,31 @@ the gradients agree to ~3e-8, the float32 logits that DenseArch returns
 being the limit. One step took ~150-180 ms in JAX (compile ~1.2 s) and
 ~210-220 ms in PyTorch (2 threads). tests/test_parity_dlrm.py checks float32
 parity on batches without such inputs (gradients to ~1e-6).
+
+--model retinanet compares models/retinanet.py with torchvision's RetinaNet
+as the MLPerf reference builds it (torch_retinanet: ResNeXt50-32x4d with
+frozen batch norms, FPN on layers 2-4 with P6/P7, conv1 and layer1 frozen,
+the default anchor generator, head and losses), its frozen batch norms given
+random statistics, on `--batch` random normalised images of `--image-size`
+(a side or H,W, at least 32; default 800, the reference's training size)
+with 1-5 random ground-truth boxes each (see retinanet_batch), over
+`--num-classes` classes (default 264). torchvision's transform (resize,
+normalise) is bypassed: model.backbone and model.head run on the images as
+they are and model.compute_loss on torchvision's anchors for that size.
+Compared: the head's cls_logits and bbox_regression, the anchors
+(layers.retinanet_anchors against torchvision's), the classification and
+box losses (losses.retinanet_losses, ground truth padded to 5 boxes) and the
+gradients of the trainable parameters; the timed step is Adam (lr 1e-4) on
+those in both. Batch 2, 256x256, 264 classes, float32: the logits agree to
+6e-7 and the box codes to 1.3e-6 (max_rel), the anchors exactly, the losses
+to 1e-7; the gradients to 1.2e-6 (norm_rel, median) and 2.5e-3 for the
+worst tensor (backbone/stage2_unit3/conv1/kernel; the stage-2 kernels are
+all ~1e-3 apart): a ReLU input within float32 rounding of zero that the two
+put on different sides changes the gradient of every layer below it. With
+--precision f64 that tensor agrees to 2.3e-8 and the median to 2.6e-8, the
+JAX model's float32 head outputs being the limit (logits 5e-8; P6/P7's tiny
+gradients 1e-5). One Adam step took 2.6 s in JAX (compile 12 s) and 5.8 s in
+PyTorch (2 threads, channels-last), on a 2-core CPU another job was sharing.
 
 Errors: max_abs = max |jax - torch|; max_rel = max_abs / max |torch|;
 norm_rel = ||jax - torch|| / ||torch||.
@@ -1062,10 +1087,298 @@ class DLRMPair:
             'speed_ratio_jax_over_torch': tt / jt}
 
 
+# ---------------------------------------------------------------- retinanet
+
+# The MLPerf reference's classes (OpenImages-v6 MLPerf subset) and image size.
+RETINANET_NUM_CLASSES = 264
+RETINANET_IMAGE_SIZE = 800
+# Ground-truth boxes per random image: 1..RETINANET_MAX_BOXES, padded to it.
+RETINANET_MAX_BOXES = 5
+# Adam's learning rate in the timed step (the reference's base rate).
+RETINANET_LR = 1e-4
+
+
+def retinanet_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """(H, W) from a side or two sides; UserError if too small.
+
+  Every side must be at least 32 pixels, the smallest for which the
+  reference runs; P7, 1/128 of each side rounded up, then has one location.
+  """
+  sides = ((image_size,) * 2 if isinstance(image_size, (int, np.integer))
+           else tuple(image_size))
+  if len(sides) != 2 or any(int(v) < 32 for v in sides):
+    raise UserError(f'--image-size {image_size}: RetinaNet needs a side or '
+                    f'H,W, each at least 32 pixels')
+  return tuple(int(v) for v in sides)
+
+
+def retinanet_batch(*, batch: int, image_size: Sequence[int],
+                    num_classes: int, max_boxes: int = RETINANET_MAX_BOXES,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A random detection batch at the model's input size, float32.
+
+  Keys: 'image' [B, H, W, 3], uniform [0, 1) pixels normalised by the
+  ImageNet mean and standard deviation as the reference's transform does;
+  'boxes' [B, G, 4] (x1, y1, x2, y2), G = `max_boxes`, 1..G boxes per image
+  whose sides are 5-60% of the image's, all inside it; 'labels' [B, G]
+  int32 class ids in [0, num_classes); 'valid' [B, G] bool, False for the
+  padding (zero boxes, label 0).
+  """
+  from jaxperf.models import retinanet  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  h, w = image_size
+  pixels = rng.uniform(0, 1, (batch, h, w, 3))
+  images = ((pixels - np.asarray(retinanet.IMAGE_MEAN))
+            / np.asarray(retinanet.IMAGE_STD)).astype(np.float32)
+  boxes = np.zeros((batch, max_boxes, 4), np.float32)
+  labels = np.zeros((batch, max_boxes), np.int32)
+  valid = np.zeros((batch, max_boxes), bool)
+  for i in range(batch):
+    n = int(rng.integers(1, max_boxes + 1))
+    size = rng.uniform(0.05, 0.6, (n, 2)) * (w, h)
+    x1 = rng.uniform(0, w - size[:, 0])
+    y1 = rng.uniform(0, h - size[:, 1])
+    boxes[i, :n] = np.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], 1)
+    labels[i, :n] = rng.integers(0, num_classes, n)
+    valid[i, :n] = True
+  return {'image': images, 'boxes': boxes, 'labels': labels, 'valid': valid}
+
+
+def torch_retinanet(num_classes: int = RETINANET_NUM_CLASSES):
+  """torchvision's RetinaNet as the MLPerf reference builds it.
+
+  The ResNeXt50-32x4d body with FrozenBatchNorm2d, an FPN on layers 2-4
+  with P6/P7 from P5 (LastLevelP6P7(256, 256)), three trainable backbone
+  layers (conv1 and layer1 frozen), torchvision's default anchor generator,
+  head and loss. Randomly initialised from torch's global generator.
+  """
+  _, torchvision = _torch()
+  from torchvision.models.detection import backbone_utils  # pylint: disable=g-import-not-at-top
+  from torchvision.ops import feature_pyramid_network, misc  # pylint: disable=g-import-not-at-top
+  body = torchvision.models.resnext50_32x4d(
+      norm_layer=misc.FrozenBatchNorm2d)
+  backbone = backbone_utils._resnet_fpn_extractor(  # pylint: disable=protected-access
+      body, trainable_layers=3, returned_layers=[2, 3, 4],
+      extra_blocks=feature_pyramid_network.LastLevelP6P7(256, 256))
+  return torchvision.models.detection.RetinaNet(backbone, num_classes)
+
+
+class RetinaNetPair:
+  """torchvision's RetinaNet (the MLPerf reference's) and models/retinanet.py.
+
+  The PyTorch model is torch_retinanet(num_classes), randomly initialised
+  from `seed`, its frozen batch norms given random statistics and affine
+  parameters (weight and variance uniform in [0.5, 1.5], bias and mean
+  normal with deviation 0.1) so that they matter; interop.from_torch copies
+  everything into models/retinanet.RetinaNet, the frozen batch norms into
+  'batch_stats'. Both see the same random batch (retinanet_batch) already at
+  the model's size and normalised: torchvision's GeneralizedRCNNTransform
+  (resize and normalise) is bypassed by calling model.backbone and
+  model.head directly, its anchors come from model.anchor_generator on the
+  batch's size, and its losses from model.compute_loss (Matcher, focal and
+  L1 box losses). The JAX side uses layers.retinanet_anchors and
+  losses.retinanet_losses with the ground truth padded to a fixed count.
+
+  Compared: the head's cls_logits and bbox_regression ([B, N, C] and
+  [B, N, 4], the same anchor order), the anchors, the two losses and their
+  sum, and the gradient of the loss with respect to every trainable
+  parameter (those with requires_grad in torch; the frozen stem and first
+  stage, RetinaNet.frozen_mask in JAX, are not differentiated). There is no
+  dropout or batch statistic: training and evaluation compute the same
+  function, compared once. The timed step is Adam (lr 1e-4) on the
+  trainable parameters in both.
+  """
+
+  name = 'retinanet'
+
+  def __init__(self, *, batch: int,
+               image_size: int | Sequence[int] = RETINANET_IMAGE_SIZE,
+               num_classes: int = RETINANET_NUM_CLASSES, seed: int = 0,
+               channels_last: bool = True, precision: str = 'f32',
+               wgrad: str = 'auto', max_boxes: int = RETINANET_MAX_BOXES):
+    torch, _ = _torch()
+    from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
+    from jaxperf.models import layers, retinanet  # pylint: disable=g-import-not-at-top
+    from jaxperf.workloads.resnet import conv_wgrad  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.image_list = ImageList
+    self.size = retinanet_image_size(image_size)
+    if batch < 1 or num_classes < 1 or max_boxes < 1:
+      raise UserError('--batch and --num-classes must be >= 1')
+    f64 = precision == 'f64'
+    if f64 and not jax.config.jax_enable_x64:
+      raise UserError('f64 comparison needs jax_enable_x64 (set by '
+                      '`python -m jaxperf.compare --precision f64`)')
+    dtype = np.float64 if f64 else np.float32
+    torch.manual_seed(seed)
+    self.tmodel = torch_retinanet(num_classes)
+    with torch.no_grad():
+      for name, buf in self.tmodel.named_buffers():
+        if name.endswith(('.weight', '.running_var')):
+          buf.uniform_(0.5, 1.5)
+        elif name.endswith(('.bias', '.running_mean')):
+          buf.normal_(0.0, 0.1)
+    if f64:
+      self.tmodel = self.tmodel.double()
+    self.wgrad = conv_wgrad(wgrad)
+    self.jmodel = retinanet.RetinaNet(num_classes=num_classes, dtype=dtype,
+                                      wgrad=self.wgrad)
+    expected = jax.eval_shape(lambda: self.jmodel.init(
+        jax.random.key(0), jnp.zeros((1, *self.size, 3), dtype)))
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype),
+        interop.from_torch(self.name, self.tmodel.state_dict(),
+                           expected=expected))
+    self.frozen = self.jmodel.frozen_mask(variables['params'])
+    self.trainable, self.fixed = _split_frozen(variables['params'],
+                                               self.frozen)
+    self.batch_stats = variables['batch_stats']
+    self.anchors = np.asarray(layers.retinanet_anchors(self.size), dtype)
+    self.batch = retinanet_batch(batch=batch, image_size=self.size,
+                                 num_classes=num_classes,
+                                 max_boxes=max_boxes, seed=seed)
+    self.batch['image'] = self.batch['image'].astype(dtype)
+    self.batch['boxes'] = self.batch['boxes'].astype(dtype)
+    b = self.batch
+    self.timages = torch.from_numpy(
+        np.ascontiguousarray(b['image'].transpose(0, 3, 1, 2)))
+    self.targets = [
+        {'boxes': torch.from_numpy(b['boxes'][i][b['valid'][i]]),
+         'labels': torch.from_numpy(
+             b['labels'][i][b['valid'][i]].astype(np.int64))}
+        for i in range(batch)]
+    self.channels_last = channels_last
+    self.num_classes = num_classes
+    trainable = [p for p in self.tmodel.parameters() if p.requires_grad]
+    self.settings = {
+        'image_hw': list(self.size), 'max_boxes': max_boxes,
+        'num_boxes': int(b['valid'].sum()),
+        'num_anchors': int(self.anchors.shape[0]),
+        'num_params': int(sum(p.numel() for p in self.tmodel.parameters())),
+        'trainable_params': int(sum(p.numel() for p in trainable)),
+        'trainable_tensors': len(trainable),
+    }
+
+  # --- the JAX side ---
+  def _inputs(self):
+    return tuple(jnp.asarray(self.batch[k])
+                 for k in ('image', 'boxes', 'labels', 'valid'))
+
+  def jax_loss(self, trainable, fixed, batch_stats, images, boxes, labels,
+               valid):
+    params = _merge_frozen(trainable, fixed)
+    out = self.jmodel.apply({'params': params, 'batch_stats': batch_stats},
+                            images)
+    terms = losses.retinanet_losses(
+        out['cls_logits'], out['bbox_regression'], self.anchors, boxes,
+        labels, valid)
+    return terms['loss'], (terms, out)
+
+  # --- the PyTorch side ---
+  def torch_forward(self, model, images):
+    """(head outputs, anchors, loss dict) of torchvision's RetinaNet on
+    `images`, normalised NCHW at the model's size."""
+    features = list(model.backbone(images).values())
+    head = model.head(features)
+    image_list = self.image_list(images, [self.size] * images.shape[0])
+    anchors = model.anchor_generator(image_list, features)
+    return head, anchors, model.compute_loss(self.targets, head, anchors)
+
+  def torch_loss(self, model, images):
+    terms = self.torch_forward(model, images)[2]
+    return terms['classification'] + terms['bbox_regression']
+
+  def parity(self) -> dict[str, Any]:
+    (j_loss, (j_terms, j_out)), j_grads = jax.jit(jax.value_and_grad(
+        self.jax_loss, has_aux=True))(self.trainable, self.fixed,
+                                      self.batch_stats, *self._inputs())
+    tm = copy.deepcopy(self.tmodel).train()
+    head, anchors, t_terms = self.torch_forward(tm, self.timages)
+    t_loss = t_terms['classification'] + t_terms['bbox_regression']
+    t_loss.backward()
+    grads_sd = dict(tm.state_dict())      # frozen tensors: any value will do
+    grads_sd.update({k: v.grad for k, v in tm.named_parameters()
+                     if v.requires_grad})
+    t_grads = _split_frozen(
+        interop.from_torch(self.name, grads_sd)['params'], self.frozen)[0]
+    t_anchors = anchors[0].detach().numpy()
+
+    def loss_errors(j, t):
+      t = t.detach().numpy()
+      return {'jax': float(j), 'torch': float(t), **errors(np.asarray(j), t)}
+    return {
+        'cls_logits': errors(np.asarray(j_out['cls_logits']),
+                             head['cls_logits'].detach().numpy()),
+        'bbox_regression': errors(np.asarray(j_out['bbox_regression']),
+                                  head['bbox_regression'].detach().numpy()),
+        'anchors': errors(self.anchors, t_anchors),
+        'loss_classification': loss_errors(j_terms['classification'],
+                                           t_terms['classification']),
+        'loss_bbox_regression': loss_errors(j_terms['bbox_regression'],
+                                            t_terms['bbox_regression']),
+        'loss': loss_errors(j_loss, t_loss),
+        'grads': _grad_errors(j_grads, t_grads),
+        'outputs_note': 'frozen batch norms and no dropout: training and '
+                        'evaluation compute the same function; gradients '
+                        'of the trainable parameters only',
+    }
+
+  def timing(self, warmup: int, repeats: int, lr: float = RETINANET_LR
+             ) -> dict[str, Any]:
+    torch = self.torch
+    tx = optax.adam(lr)
+
+    def step(state, fixed, batch_stats, *inputs):
+      trainable, opt_state = state
+      (loss, _), grads = jax.value_and_grad(self.jax_loss, has_aux=True)(
+          trainable, fixed, batch_stats, *inputs)
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return (optax.apply_updates(trainable, updates), opt_state), loss
+
+    state = (self.trainable, tx.init(self.trainable))
+    compile_s, j_times = _time_jax_step(
+        step, state, self.fixed, self.batch_stats, *self._inputs(),
+        warmup=warmup, repeats=repeats)
+    del state
+
+    tm = copy.deepcopy(self.tmodel).train()
+    x = self.timages
+    if self.channels_last:
+      tm = tm.to(memory_format=torch.channels_last)
+      x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in tm.parameters() if p.requires_grad],
+                           lr=lr)
+    t_times = _time_torch_step(lambda: self.torch_loss(tm, x), opt, warmup,
+                               repeats)
+    jt, tt = statistics.median(j_times), statistics.median(t_times)
+    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                    'step_times_s': j_times},
+            'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                      'channels_last': self.channels_last,
+                      'threads': torch.get_num_threads()},
+            'lr': lr,
+            'speed_ratio_jax_over_torch': tt / jt}
+
+
+def _split_frozen(params: Any, frozen: Any) -> tuple[Any, Any]:
+  """(trainable, fixed): `params` with None in place of the frozen
+  parameters, and with None in place of the others."""
+  trainable = jax.tree.map(lambda p, f: None if f else p, params, frozen)
+  fixed = jax.tree.map(lambda p, f: p if f else None, params, frozen)
+  return trainable, fixed
+
+
+def _merge_frozen(trainable: Any, fixed: Any) -> Any:
+  """The inverse of _split_frozen."""
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, fixed,
+                      is_leaf=lambda x: x is None)
+
+
 PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair, 'bert': BertPair,
-         'dlrm': DLRMPair}
+         'dlrm': DLRMPair, 'retinanet': RetinaNetPair}
 # Command-line defaults per image model: batch, image size, classes.
-_DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3)}
+_DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3),
+             'retinanet': (2, RETINANET_IMAGE_SIZE, RETINANET_NUM_CLASSES)}
 # bert's: batch, sequence length.
 _BERT_DEFAULTS = (2, 128)
 # The options of BertPair that the command line sets.
@@ -1086,7 +1399,8 @@ def compare(model: str, *, batch: int,
   num_classes, channels_last or wgrad; its options are BertPair's
   (seq_len, num_layers, hidden_size, num_heads, intermediate_size,
   vocab_size, max_predictions). Nor does dlrm; its options are DLRMPair's
-  (tables, embed_dim).
+  (tables, embed_dim). retinanet's `image_size` is a side or (H, W); its
+  option is max_boxes (see RetinaNetPair).
   """
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
@@ -1133,6 +1447,14 @@ def _summary(r: dict[str, Any]) -> str:
              f'parameters, {r["mlp_params"]:,} in the MLPs), '
              f'{r["touched_rows"]:,} rows touched, {r["precision"]}, '
              f'{r["machine"]["devices"]}']
+  elif r['model'] == 'retinanet':
+    lines = [f'{r["model"]}: batch {r["batch"]} at '
+             f'{"x".join(map(str, r["image_hw"]))}px, {r["num_classes"]} '
+             f'classes, {r["num_anchors"]:,} anchors, {r["num_boxes"]} '
+             f'ground-truth boxes, ResNeXt50-32x4d FPN '
+             f'({r["num_params"]:,} parameters, {r["trainable_params"]:,} '
+             f'trainable), {r["precision"]}, JAX kernel gradients '
+             f'{r["jax_conv_wgrad"]}, {r["machine"]["devices"]}']
   elif 'volume' in r:
     lines = [f'{r["model"]}: batch {r["batch"]} of '
              f'{"x".join(map(str, r["volume"]))} voxels, filters '
@@ -1146,7 +1468,9 @@ def _summary(r: dict[str, Any]) -> str:
              f'{r["machine"]["devices"]}']
   keys = [k for k in ('outputs_eval', 'outputs_train', 'outputs',
                       'probabilities', 'logits', 'mlm_logits',
-                      'mlm_logits_padded_row', 'nsp_logits', 'loss')
+                      'mlm_logits_padded_row', 'nsp_logits', 'cls_logits',
+                      'bbox_regression', 'anchors', 'loss_classification',
+                      'loss_bbox_regression', 'loss')
           if k in r]
   width = max([14] + [len(k) for k in keys])
   for key in keys:
@@ -1190,7 +1514,8 @@ def main(argv: list[str] | None = None) -> int:
                               description=__doc__.split('\n')[0])
   p.add_argument('--model', required=True, help=', '.join(PAIRS))
   p.add_argument('--batch', type=int, default=None,
-                 help='default: 16 for resnet50, 1 for unet3d, '
+                 help='default: 16 for resnet50, 1 for unet3d, 2 for '
+                      'retinanet, '
                       f'{_BERT_DEFAULTS[0]} for bert (full BERT-large at '
                       f'--seq-len {_BERT_DEFAULTS[1]}: a few seconds a step on '
                       f'a small CPU), {DLRM_BATCH} for dlrm (the '
@@ -1198,9 +1523,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--image-size', default=None,
                  help='image side (default 128) for resnet50; for unet3d a '
                       'cube side or D,H,W, multiples of 32 (default 64, the '
-                      'smallest cube; the reference trains on 128)')
+                      'smallest cube; the reference trains on 128); for '
+                      f'retinanet a side or H,W, at least 32 (default '
+                      f'{RETINANET_IMAGE_SIZE}, the reference\'s)')
   p.add_argument('--num-classes', type=int, default=None,
-                 help='default: 1000 for resnet50, 3 for unet3d')
+                 help='default: 1000 for resnet50, 3 for unet3d, '
+                      f'{RETINANET_NUM_CLASSES} for retinanet (the '
+                      f'reference\'s OpenImages classes)')
   p.add_argument('--filters', default=None,
                  help='unet3d: five comma-separated widths (default '
                       f'{",".join(map(str, UNET3D_FILTERS))}, the '
@@ -1296,11 +1625,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f'{", ".join(given)}: only for --model unet3d')
       if args.image_size is not None:
         image_size = _ints('--image-size', args.image_size)
-        if len(image_size) != 1:
+        if len(image_size) == 1:
+          image_size = image_size[0]
+        elif args.model != 'retinanet':
           raise UserError(f'--image-size {args.image_size}: one side for '
                           f'{args.model}')
-        image_size = image_size[0]
-      if batch < 1 or image_size < 32:
+      if args.model == 'retinanet':     # sizes: see retinanet_image_size
+        if batch < 1:
+          raise UserError('--batch must be >= 1')
+        retinanet_image_size(image_size)
+      elif batch < 1 or image_size < 32:
         raise UserError('--batch must be >= 1 and --image-size >= 32')
     result = compare(args.model, batch=batch, image_size=image_size,
                      num_classes=num_classes, seed=args.seed,
