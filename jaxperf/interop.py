@@ -712,6 +712,61 @@ def retinanet_checker_tensor_names() -> list[str]:
                 for t in retinanet_tensors() if t.flax_path[0] == 'params')
 
 
+def retinanet_backbone_from_torch(state_dict: Mapping[str, Any],
+                                  expected: Mapping | None = None, *,
+                                  source: str = 'state_dict'
+                                  ) -> dict[str, Any]:
+  """RetinaNet's backbone from a torchvision resnext50_32x4d state_dict.
+
+  The classifier's tensors (conv1, bn1, layer1..4; the fc layer is not
+  used) go to params/backbone and the frozen batch norms' batch_stats/
+  backbone, as the reference starts from ImageNet weights
+  (resnext50_32x4d-7cdf4587.pth). Returns {'params': {'backbone': ...},
+  'batch_stats': {'backbone': ...}}; `expected` (the same structure, arrays
+  or shapes) is checked tensor by tensor. `source` names the file in errors.
+  """
+  # (The class and anchor counts only shape the heads, not used here.)
+  tensors = [t for t in retinanet_tensors(num_classes=1, num_anchors=1)
+             if t.flax_path[1] == 'backbone']
+  prefix = 'backbone.body.'
+  names = {t.torch_name[len(prefix):]: t for t in tensors}
+  given = {k for k in state_dict
+           if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith('fc.')}
+  missing = sorted(set(names) - given)
+  unexpected = sorted(given - set(names))
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f'missing {len(missing)} tensor(s): '
+                   f'{", ".join(missing[:6])}' + (' ...' if len(missing) > 6
+                                                  else ''))
+    if unexpected:
+      parts.append(f'unexpected {len(unexpected)} tensor(s): '
+                   f'{", ".join(unexpected[:6])}'
+                   + (' ...' if len(unexpected) > 6 else ''))
+    raise InteropError(f'{source}: not a torchvision resnext50_32x4d '
+                       f'state_dict: {"; ".join(parts)}')
+  out: dict[str, Any] = {}
+  for name, t in names.items():
+    a = _numpy(state_dict[name])
+    if t.shape is not None and tuple(a.shape) != t.shape:
+      raise InteropError(f'{source}: tensor {name} has shape {tuple(a.shape)}'
+                         f', expected {t.shape}')
+    a = _to_flax(t, a)
+    if expected is not None:
+      want = tuple(_get(expected, t.flax_path, 'retinanet').shape)
+      if want != tuple(a.shape):
+        raise InteropError(
+            f'{source}: tensor {name} has shape '
+            f'{_torch_shape(t, a.shape)}, the model expects '
+            f'{_torch_shape(t, want)}')
+    node = out
+    for key in t.flax_path[:-1]:
+      node = node.setdefault(key, {})
+    node[t.flax_path[-1]] = a
+  return out
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):

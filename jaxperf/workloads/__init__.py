@@ -12,8 +12,9 @@ _REGISTRY = {
     'unet3d': 'jaxperf.workloads.unet3d:UNet3D',
     'bert': 'jaxperf.workloads.bert:Bert',
     'dlrm': 'jaxperf.workloads.dlrm:DLRM',
+    'retinanet': 'jaxperf.workloads.retinanet:RetinaNet',
 }
-ALIASES = {'resnet': 'resnet50'}
+ALIASES = {'resnet': 'resnet50', 'ssd': 'retinanet'}
 
 
 def names() -> list[str]:
