@@ -87,6 +87,7 @@ import numpy as np
 from PIL import Image
 
 from jaxperf.data.augment import decode_image, local_batch_size
+from jaxperf.data import prefetch
 from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
@@ -401,24 +402,7 @@ class DetectionDataset(PrefetchedStreams):
 
   def _assemble(self, jobs: Iterator) -> Iterator[dict[str, np.ndarray]]:
     """Keeps `_IN_FLIGHT` batches submitted; yields them in order, complete."""
-    pending: collections.deque = collections.deque()
-    try:
-      while True:
-        while len(pending) < _IN_FLIGHT:
-          job = next(jobs, None)
-          if job is None:
-            break
-          pending.append(job)
-        if not pending:
-          return
-        batch, futures = pending.popleft()
-        for f in futures:
-          f.result()
-        yield batch
-    finally:
-      for _, futures in pending:
-        for f in futures:
-          f.cancel()
+    return prefetch.completed_in_order(jobs, _IN_FLIGHT)
 
   def _submit(self, index: list[int], flips: list[bool] | None, *,
               pad_to: int | None = None):

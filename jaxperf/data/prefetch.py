@@ -11,6 +11,7 @@ generator's `finally` blocks run.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import queue
 import threading
@@ -180,3 +181,32 @@ class PrefetchedStreams:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def completed_in_order(jobs: Iterator[tuple[Any, list]], in_flight: int
+                       ) -> Iterator[Any]:
+  """Batches filled by worker threads, in submission order.
+
+  `jobs` yields (batch, futures): a batch whose arrays the futures are
+  filling. Up to `in_flight` jobs are kept submitted; each batch is yielded
+  once all its futures are done (a worker's exception is raised here).
+  Closing the generator cancels the futures still pending.
+  """
+  pending: collections.deque = collections.deque()
+  try:
+    while True:
+      while len(pending) < in_flight:
+        job = next(jobs, None)
+        if job is None:
+          break
+        pending.append(job)
+      if not pending:
+        return
+      batch, futures = pending.popleft()
+      for f in futures:
+        f.result()
+      yield batch
+  finally:
+    for _, futures in pending:
+      for f in futures:
+        f.cancel()
