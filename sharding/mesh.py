@@ -100,3 +100,15 @@ def describe(mesh: Mesh) -> str:
 
 
 import jax.experimental.mesh_utils  # noqa: E402  (registers the submodule)
+
+
+def check_batches_divide(config, n: int, mesh: Mesh, how: str) -> None:
+  """ConfigError unless global_batch_size and eval_batch_size are multiples
+  of n, the devices a batch is split over (`how` says over which)."""
+  from jaxperf.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  for key in ('global_batch_size', 'eval_batch_size'):
+    value = int(config[key])
+    if value % n:
+      raise ConfigError(
+          f'{key}={value}: the batch is split over {how} {n} devices of '
+          f'--mesh {describe(mesh)}; it must be a multiple of {n}')

@@ -149,13 +149,8 @@ class DLRM(Workload):
     return {k: P(axes) for k in self.batch_spec(0, train)}
 
   def check_mesh(self, mesh) -> None:
-    n = int(mesh.devices.size)
-    for name in ('global_batch_size', 'eval_batch_size'):
-      value = int(self.config[name])
-      if value % n:
-        raise ConfigError(
-            f'{name}={value}: dlrm splits the batch over all {n} devices of '
-            f'--mesh {mesh_lib.describe(mesh)}; it must be a multiple of {n}')
+    mesh_lib.check_batches_divide(self.config, int(mesh.devices.size), mesh,
+                                  'all')
     self.mesh = mesh
 
   def setup(self, train_examples):

@@ -166,13 +166,9 @@ class RetinaNet(Workload):
       raise ConfigError(
           f'--mesh {mesh_lib.describe(mesh)}: retinanet is data parallel '
           f'only; axes {other} would split the model')
-    n = mesh_lib.data_parallel_size(mesh)
-    for key in ('global_batch_size', 'eval_batch_size'):
-      value = int(self.config[key])
-      if value % n:
-        raise ConfigError(
-            f'{key}={value}: must be a multiple of the {n} data-parallel '
-            f'devices of --mesh {mesh_lib.describe(mesh)}')
+    mesh_lib.check_batches_divide(self.config,
+                                  mesh_lib.data_parallel_size(mesh), mesh,
+                                  'the data-parallel')
     self.mesh = mesh
 
   def setup(self, train_examples):
