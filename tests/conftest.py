@@ -8,7 +8,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # different workers at once instead of one of them finishing the run alone.
 _SLOW_FIRST = ('test_multihost.py', 'test_train_unet3d.py',
                'test_unet3d_spatial.py', 'test_train_cli.py',
-               'test_train_bert.py', 'test_train_dlrm.py')
+               'test_train_bert.py', 'test_train_retinanet.py',
+               'test_train_dlrm.py')
 
 
 def pytest_collection_modifyitems(config, items):
