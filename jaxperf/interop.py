@@ -767,6 +767,180 @@ def retinanet_backbone_from_torch(state_dict: Mapping[str, Any],
   return out
 
 
+# ------------------------------------------------------------------ maskrcnn
+
+# maskrcnn-benchmark (the MLPerf reference) -> torchvision names.
+_MASKRCNN_REFERENCE_NAMES = (
+    (re.compile(r'^backbone\.body\.stem\.'), lambda m: 'backbone.body.'),
+    (re.compile(r'^backbone\.fpn\.fpn_(inner|layer)(\d+)\.'),
+     lambda m: f'backbone.fpn.{m.group(1)}_blocks.{int(m.group(2)) - 1}.0.'),
+    (re.compile(r'^rpn\.head\.conv\.(?=weight$|bias$)'),
+     lambda m: 'rpn.head.conv.0.0.'),
+    (re.compile(r'^roi_heads\.box\.feature_extractor\.'),
+     lambda m: 'roi_heads.box_head.'),
+    (re.compile(r'^roi_heads\.box\.predictor\.'),
+     lambda m: 'roi_heads.box_predictor.'),
+    (re.compile(r'^roi_heads\.mask\.feature_extractor\.mask_fcn(\d+)\.'),
+     lambda m: f'roi_heads.mask_head.{int(m.group(1)) - 1}.0.'),
+    (re.compile(r'^roi_heads\.mask\.predictor\.'),
+     lambda m: 'roi_heads.mask_predictor.'),
+)
+# The reference's RPN anchor generator keeps its cell anchors (one per FPN
+# level) as buffers in the state_dict.
+_MASKRCNN_ANCHOR_BUFFERS = tuple(f'rpn.anchor_generator.cell_anchors.{i}'
+                                 for i in range(5))
+
+
+def maskrcnn_tensors(num_classes: int | None = None,
+                     num_anchors: int | None = None) -> list[_Tensor]:
+  """torchvision's maskrcnn_resnet50_fpn <-> models/maskrcnn.py.
+
+  One entry per tensor, in the order of torchvision's state_dict (ResNet-50
+  widths, 256 FPN channels, a 1024-wide box MLP on 7x7 pooled features, a
+  256-wide mask head); given num_classes and num_anchors each entry carries
+  its PyTorch shape.
+
+  Mapping: the backbone as retinanet_tensors maps it (backbone.body.conv1 /
+  bn1 <-> backbone/conv0 / bn0; layer{s}.{u}.conv{k} / bn{k} <->
+  backbone/stage{s}_unit{u + 1}/conv{k} / bn{k}; downsample.0 / .1 <->
+  conv1sc / bnsc; frozen batch norms' weight, bias, running_mean and
+  running_var <-> batch_stats .../scale, bias, mean, var).
+  backbone.fpn.inner_blocks.{i}.0 / layer_blocks.{i}.0 <-> fpn/inner{i} /
+  layer{i}; rpn.head.conv.0.0 / cls_logits / bbox_pred <-> rpn_head/conv /
+  cls_logits / bbox_pred; roi_heads.box_head.fc6 / fc7 <->
+  box_feature_extractor/fc6 / fc7; roi_heads.box_predictor.cls_score /
+  bbox_pred <-> box_predictor/cls_score / bbox_pred;
+  roi_heads.mask_head.{i}.0 <-> mask_feature_extractor/mask_fcn{i + 1};
+  roi_heads.mask_predictor.conv5_mask / mask_fcn_logits <->
+  mask_predictor/conv5_mask / mask_fcn_logits.
+
+  Layouts: fc6's (1024, 256 * 7 * 7) weight is the transpose of the Flax
+  kernel as is (the box head flattens its pooled features channel-major, as
+  PyTorch's NCHW flatten does). conv5_mask's ConvTranspose2d weight (in,
+  out, 2, 2) becomes the Flax kernel (2, 2, out, in), the permutation of a
+  convolution's OIHW -> HWIO.
+  """
+  known = num_classes is not None and num_anchors is not None
+  shape = lambda *s: tuple(s) if known else None
+  backbone = retinanet_tensors(num_classes, num_anchors, groups=1,
+                               width_per_group=64)
+  out = [t for t in backbone if t.flax_path[1] == 'backbone']
+
+  def layer(torch_prefix, flax_module, kind, weight_shape):
+    return [_Tensor(f'{torch_prefix}.weight',
+                    ('params', *flax_module, 'kernel'), kind,
+                    shape(*weight_shape)),
+            _Tensor(f'{torch_prefix}.bias', ('params', *flax_module, 'bias'),
+                    'vector', shape(weight_shape[0]))]
+  f = 256
+  for i in range(4):
+    out += layer(f'backbone.fpn.inner_blocks.{i}.0', ('fpn', f'inner{i}'),
+                 'conv', (f, 256 * 2**i, 1, 1))
+  for i in range(4):
+    out += layer(f'backbone.fpn.layer_blocks.{i}.0', ('fpn', f'layer{i}'),
+                 'conv', (f, f, 3, 3))
+  a, c = num_anchors or 0, num_classes or 0
+  out += layer('rpn.head.conv.0.0', ('rpn_head', 'conv'), 'conv',
+               (f, f, 3, 3))
+  out += layer('rpn.head.cls_logits', ('rpn_head', 'cls_logits'), 'conv',
+               (a, f, 1, 1))
+  out += layer('rpn.head.bbox_pred', ('rpn_head', 'bbox_pred'), 'conv',
+               (4 * a, f, 1, 1))
+  out += layer('roi_heads.box_head.fc6', ('box_feature_extractor', 'fc6'),
+               'dense', (1024, f * 7 * 7))
+  out += layer('roi_heads.box_head.fc7', ('box_feature_extractor', 'fc7'),
+               'dense', (1024, 1024))
+  out += layer('roi_heads.box_predictor.cls_score',
+               ('box_predictor', 'cls_score'), 'dense', (c, 1024))
+  out += layer('roi_heads.box_predictor.bbox_pred',
+               ('box_predictor', 'bbox_pred'), 'dense', (4 * c, 1024))
+  for i in range(4):
+    out += layer(f'roi_heads.mask_head.{i}.0',
+                 ('mask_feature_extractor', f'mask_fcn{i + 1}'), 'conv',
+                 (f, f, 3, 3))
+  # ConvTranspose2d: (in, out, kh, kw); its bias has `out` entries (equal
+  # here).
+  out += layer('roi_heads.mask_predictor.conv5_mask',
+               ('mask_predictor', 'conv5_mask'), 'conv', (f, f, 2, 2))
+  out += layer('roi_heads.mask_predictor.mask_fcn_logits',
+               ('mask_predictor', 'mask_fcn_logits'), 'conv', (c, f, 1, 1))
+  return out
+
+
+def maskrcnn_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+  """num_classes and num_anchors of a Mask R-CNN from its PyTorch shapes.
+
+  Read from the biases of roi_heads.box_predictor.cls_score (classes) and
+  rpn.head.cls_logits (anchors); the other tensors are then checked against
+  them.
+  """
+  def length(name):
+    s = tuple(shapes[name])
+    if len(s) != 1 or s[0] <= 0:
+      raise InteropError(f'maskrcnn: tensor {name} has shape {s}, expected '
+                         f'one positive length')
+    return int(s[0])
+  return {'num_classes': length('roi_heads.box_predictor.cls_score.bias'),
+          'num_anchors': length('rpn.head.cls_logits.bias')}
+
+
+def _maskrcnn(names: Iterable[str] | None,
+              shapes: Mapping[str, tuple[int, ...]] | None) -> list[_Tensor]:
+  del names
+  return maskrcnn_tensors(**(maskrcnn_dims(shapes) if shapes else {}))
+
+
+def maskrcnn_current_name(name: str) -> str:
+  """torchvision's name of a Mask R-CNN tensor given in maskrcnn-benchmark's
+  (the MLPerf reference's) naming: backbone.body.stem.conv1 ->
+  backbone.body.conv1, backbone.fpn.fpn_inner{i} ->
+  backbone.fpn.inner_blocks.{i - 1}.0, rpn.head.conv -> rpn.head.conv.0.0,
+  roi_heads.box.feature_extractor -> roi_heads.box_head,
+  roi_heads.box.predictor -> roi_heads.box_predictor,
+  roi_heads.mask.feature_extractor.mask_fcn{i} ->
+  roi_heads.mask_head.{i - 1}.0, roi_heads.mask.predictor ->
+  roi_heads.mask_predictor. Other names are unchanged."""
+  for pattern, replace in _MASKRCNN_REFERENCE_NAMES:
+    if m := pattern.match(name):
+      return replace(m) + name[m.end():]
+  return name
+
+
+def maskrcnn_checker_tensors() -> dict[str, tuple[str, ...]]:
+  """The tensor names the MLPerf checker wants for Mask R-CNN, each with
+  the Flax module (under 'params') it names.
+
+  These are the `tensor` values of the weights_initialization events that
+  closed_maskrcnn.yaml (MLPerf Training 2.1.0) requires, in its order: the
+  layers initialized from scratch (the backbone starts from ImageNet
+  weights).
+  """
+  out = {}
+  for i in range(4):
+    out[f'FPN_inner_block{i + 1}'] = ('fpn', f'inner{i}')
+    out[f'FPN_layer_block{i + 1}'] = ('fpn', f'layer{i}')
+  out.update({
+      'RPNHead_conv': ('rpn_head', 'conv'),
+      'RPNHead_cls': ('rpn_head', 'cls_logits'),
+      'RPNHead_bbox': ('rpn_head', 'bbox_pred'),
+      'ROI_BOX_FEATURE_EXTRACTOR_fc6': ('box_feature_extractor', 'fc6'),
+      'ROI_BOX_FEATURE_EXTRACTOR_fc7': ('box_feature_extractor', 'fc7'),
+      'ROI_BOX_PREDICTOR_cls': ('box_predictor', 'cls_score'),
+      'ROI_BOX_PREDICTOR_bbox': ('box_predictor', 'bbox_pred')})
+  for i in range(4):
+    out[f'ROI_MASK_FEATURE_EXTRACTOR_fcn{i + 1}'] = (
+        'mask_feature_extractor', f'mask_fcn{i + 1}')
+  out['ROI_MASK_PREDICTOR_fcn5'] = ('mask_predictor', 'conv5_mask')
+  out['ROI_MASK_PREDICTOR_fcn_logits'] = ('mask_predictor', 'mask_fcn_logits')
+  return out
+
+
+def maskrcnn_checker_tensor_names() -> list[str]:
+  """The 21 tensor names closed_maskrcnn.yaml requires (see
+  maskrcnn_checker_tensors)."""
+  return list(maskrcnn_checker_tensors())
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):
@@ -1088,7 +1262,8 @@ _IGNORED_SUFFIXES = ('num_batches_tracked',)
 # Per model: buffers that some versions of the reference keep in the
 # state_dict (HF transformers before 4.31 saved position_ids).
 _IGNORED_NAMES = {'bert': ('bert.embeddings.position_ids',
-                           'bert.embeddings.token_type_ids')}
+                           'bert.embeddings.token_type_ids'),
+                  'maskrcnn': _MASKRCNN_ANCHOR_BUFFERS}
 # Per model: tensors tied to another one (the same Parameter in the
 # reference). Optional when loading (a state_dict saved without duplicates
 # lacks them); if present they must equal their source. to_torch writes them,
@@ -1117,25 +1292,27 @@ _MODELS: dict[str, Callable[..., list[_Tensor]]] = {
     'bert': _bert,
     'dlrm': _dlrm,
     'retinanet': _retinanet,
+    'maskrcnn': _maskrcnn,
 }
 # Per model: entries of the variables that are a list of arrays (dlrm's
 # tables) rather than a dict; internally they are dicts keyed '0', '1', ...
 _LISTS = {'dlrm': ('tables',)}
 # Models whose to_torch output is checked against the sizes it implies (a
 # tree with a table too many or a layer of the wrong width is an error).
-_TO_TORCH_CHECKED = ('dlrm', 'retinanet')
+_TO_TORCH_CHECKED = ('dlrm', 'retinanet', 'maskrcnn')
 # Models whose tensors have TF1 checkpoint names (from_tf_checkpoint).
 _TF_MODELS = ('bert',)
 # Per model: the keyword options of from_torch / from_tf_checkpoint.
 _OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',),
-            'dlrm': (), 'retinanet': ()}
+            'dlrm': (), 'retinanet': (), 'maskrcnn': ()}
 # Models whose batch norms keep no num_batches_tracked (frozen batch norms):
 # to_torch writes none for them.
-_NO_BATCH_COUNT = ('retinanet',)
+_NO_BATCH_COUNT = ('retinanet', 'maskrcnn')
 # Per model: the current name of a tensor given under an older name (the
 # MLPerf RetinaNet reference names its tensors as older torchvision did).
 _RENAMES: dict[str, Callable[[str], str]] = {
-    'retinanet': retinanet_current_name}
+    'retinanet': retinanet_current_name,
+    'maskrcnn': maskrcnn_current_name}
 
 
 def _tensors(model_name: str, names: Iterable[str] | None = None,
