@@ -271,3 +271,134 @@ def retinanet_losses(cls_logits: jax.Array, bbox_regression: jax.Array,
   regression = jnp.mean(box_loss)
   return {'classification': classification, 'bbox_regression': regression,
           'loss': classification + regression}
+
+
+# ---------------------------------------------------------------------------
+# Mask R-CNN (COCO): the losses of the RPN, the box head and the mask head,
+# as the MLPerf reference (maskrcnn-benchmark) computes them, on the static
+# targets and samples of jaxperf.models.layers.two_stage (`rpn_targets`,
+# `sample_rois`, `mask_targets`). Each is normalised over the whole batch
+# given, as the reference normalises over one GPU's batch.
+
+
+def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise binary cross-entropy of logits (F.binary_cross_entropy_
+  with_logits): (1 - t) x - log(sigmoid(x))."""
+  return (1 - targets) * logits - jax.nn.log_sigmoid(logits)
+
+
+def rpn_losses(objectness: jax.Array, rpn_deltas: jax.Array,
+               regression_targets: jax.Array, sampled_positive: jax.Array,
+               sampled_negative: jax.Array, *,
+               beta: float = 1.0 / 9) -> dict[str, jax.Array]:
+  """The RPN losses (RPNLossComputation; torchvision's compute_loss).
+
+  * objectness: the binary cross-entropy of the objectness logits against
+    1 for the sampled positive and 0 for the sampled negative anchors,
+    averaged over the sampled anchors of the batch;
+  * rpn_box_reg: the smooth L1 (beta 1/9) of the box deltas against the
+    regression targets, summed over the sampled positives and divided by
+    the number of sampled anchors of the batch (positives and negatives).
+
+  Args:
+    objectness: [B, A] logits.
+    rpn_deltas: [B, A, 4] predicted deltas.
+    regression_targets: [B, A, 4] (`rpn_targets`).
+    sampled_positive: [B, A] bool (`rpn_targets`).
+    sampled_negative: [B, A] bool.
+    beta: the smooth L1 threshold.
+
+  Returns:
+    dict of float32 scalars 'objectness' and 'rpn_box_reg'.
+  """
+  dt = _compute_dtype(objectness)
+  positive = jnp.asarray(sampled_positive, bool)
+  sampled = positive | jnp.asarray(sampled_negative, bool)
+  count = jnp.maximum(jnp.sum(sampled), 1).astype(dt)
+  bce = _bce_with_logits(objectness.astype(dt), positive.astype(dt))
+  box = _box_regression_loss(rpn_deltas.astype(dt),
+                             jnp.asarray(regression_targets).astype(dt),
+                             'smooth_l1', beta)
+  return {
+      'objectness': jnp.sum(jnp.where(sampled, bce, 0)) / count,
+      'rpn_box_reg': jnp.sum(jnp.where(positive[..., None], box, 0)) / count,
+  }
+
+
+def fastrcnn_losses(class_logits: jax.Array, box_regression: jax.Array,
+                    labels: jax.Array, regression_targets: jax.Array,
+                    valid: jax.Array, *,
+                    beta: float = 1.0) -> dict[str, jax.Array]:
+  """The box head's losses (FastRCNNLossComputation; torchvision's
+  fastrcnn_loss).
+
+  * classifier: softmax cross-entropy of the class logits against the ROI
+    labels (0 = background), averaged over the sampled ROIs of the batch;
+  * box_reg: the smooth L1 of the deltas of each positive ROI's own class
+    against its regression targets, summed over the positives and divided
+    by the number of sampled ROIs of the batch.
+
+  The reference's smooth L1 has beta 1; torchvision's fastrcnn_loss 1/9.
+
+  Args:
+    class_logits: [..., C] for the sampled ROIs (any leading shape, e.g.
+      [B, S] or [B * S]).
+    box_regression: [..., C * 4].
+    labels: [...] integer classes (`sample_rois`).
+    regression_targets: [..., 4].
+    valid: [...] bool, False for padding slots.
+    beta: the smooth L1 threshold.
+
+  Returns:
+    dict of float32 scalars 'classifier' and 'box_reg'.
+  """
+  dt = _compute_dtype(class_logits)
+  num_classes = class_logits.shape[-1]
+  logits = class_logits.reshape(-1, num_classes).astype(dt)
+  labels = jnp.asarray(labels).reshape(-1).astype(jnp.int32)
+  valid = jnp.asarray(valid, bool).reshape(-1)
+  count = jnp.maximum(jnp.sum(valid), 1).astype(dt)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  index = jnp.clip(labels, 0, num_classes - 1)
+  ce = -jnp.take_along_axis(logp, index[:, None], axis=-1)[:, 0]
+  deltas = box_regression.reshape(-1, num_classes, 4).astype(dt)
+  deltas = jnp.take_along_axis(deltas, index[:, None, None], axis=1)[:, 0]
+  box = _box_regression_loss(
+      deltas, jnp.asarray(regression_targets).reshape(-1, 4).astype(dt),
+      'smooth_l1', beta)
+  positive = valid & (labels > 0)
+  return {
+      'classifier': jnp.sum(jnp.where(valid, ce, 0)) / count,
+      'box_reg': jnp.sum(jnp.where(positive[:, None], box, 0)) / count,
+  }
+
+
+def maskrcnn_mask_loss(mask_logits: jax.Array, labels: jax.Array,
+                       targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """The mask head's loss (MaskRCNNLossComputation; torchvision's
+  maskrcnn_loss).
+
+  The binary cross-entropy of each positive ROI's mask logits for its own
+  class against its target, averaged over all pixels of all positive ROIs
+  of the batch; 0 when there are none.
+
+  Args:
+    mask_logits: [..., M, M, C] (MaskRCNN.mask_head, NHWC).
+    labels: [...] the ROIs' classes.
+    targets: [..., M, M] (`mask_targets`).
+    valid: [...] bool: the positive ROIs (e.g. labels > 0 & valid).
+
+  Returns:
+    float32 scalar.
+  """
+  dt = _compute_dtype(mask_logits)
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  valid = jnp.asarray(valid, bool)
+  index = jnp.broadcast_to(
+      jnp.clip(labels, 0, mask_logits.shape[-1] - 1)[..., None, None, None],
+      mask_logits.shape[:-1] + (1,))
+  logits = jnp.take_along_axis(mask_logits, index, axis=-1)[..., 0].astype(dt)
+  bce = _bce_with_logits(logits, jnp.asarray(targets).astype(dt))
+  pixels = logits.shape[-2] * logits.shape[-1]
+  count = jnp.maximum(jnp.sum(valid) * pixels, 1).astype(dt)
+  return jnp.sum(jnp.where(valid[..., None, None], bce, 0)) / count
