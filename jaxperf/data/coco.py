@@ -112,7 +112,6 @@ API:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -121,11 +120,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from jaxperf.data import prefetch
+from jaxperf.data import coco_format, prefetch
 from jaxperf.data.augment import decode_image, local_batch_size
 from jaxperf.data.openimages import (
-    BOX_TOLERANCE, _SyntheticImage, _bboxes, _check_entries, _is_int,
-    _list_field, _load_json, _lookup, class_colour, class_shape, encode_jpeg)
+    BOX_TOLERANCE, _SyntheticImage, class_colour, class_shape)
 from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
@@ -153,7 +151,6 @@ _ANN_KEYS = ('id', 'image_id', 'category_id', 'bbox', 'area', 'iscrowd',
 # Seed-sequence tags: keep the streams of different purposes apart.
 _ORDER, _FLIP, _SYNTH = 11, 12, 13
 _IN_FLIGHT = 2
-_NAME_LIMIT = 5
 # Smallest side (pixels) of a mask box, so the crop's scale stays finite.
 _MIN_EXTENT = 1e-2
 _ELLIPSE_VERTICES = 32
@@ -961,10 +958,6 @@ def _check_args(*, max_boxes: int, mask_resolution: int, seed: int,
 # ---------------------------------------------------------------- reading
 
 
-def _fail(path: str, message: str) -> DataError:
-  return DataError(f'{path}: {message}')
-
-
 def _numbers(values: list) -> bool:
   """Whether `values` is a flat list of finite numbers."""
   try:
@@ -1021,10 +1014,10 @@ def _check_segmentations(anns: list, heights: np.ndarray, widths: np.ndarray,
   Structure is checked one by one, polygon coordinates a chunk at once."""
 
   def fail(k: int, problem: str) -> DataError:
-    return _fail(path, f'annotation {anns[k]["id"]} (image {image_of(k)}): '
-                       f'malformed segmentation: {problem}; expected a list '
-                       f'of polygons [x1, y1, x2, y2, ...] or an RLE '
-                       f'{{"size": [h, w], "counts": ...}}')
+    return coco_format.fail(
+        path, f'annotation {anns[k]["id"]} (image {image_of(k)}): malformed '
+              f'segmentation: {problem}; expected a list of polygons [x1, '
+              f'y1, x2, y2, ...] or an RLE {{"size": [h, w], "counts": ...}}')
 
   def check_chunk(first: int, last: int, coords: list) -> None:
     if not coords or _numbers(coords):
@@ -1057,97 +1050,42 @@ def _parse_instances(js: dict[str, Any], path: str, images_dir: str,
                      train: bool) -> dict[str, Any]:
   """Checks a COCO instances dict; the CocoDataset's arguments (image
   paths under images_dir)."""
-  images = _list_field(js, 'images', path)
-  anns = _list_field(js, 'annotations', path)
-  cats = _list_field(js, 'categories', path)
-  _check_entries(images, ('id', 'file_name', 'width', 'height'), 'image', path)
-  _check_entries(anns, _ANN_KEYS, 'annotation', path)
-  _check_entries(cats, ('id',), 'category', path)
-  if not images:
-    raise _fail(path, 'no images')
-  if not cats:
-    raise _fail(path, 'no categories')
-
+  parsed = coco_format.parse_split(js, path, images_dir, _ANN_KEYS)
+  anns, files = parsed.annotations, parsed.files
+  widths, heights = parsed.widths, parsed.heights
+  n = len(files)
   # Categories: labels 1..C in the JSON's order (pycocotools getCatIds).
-  category_ids = []
-  for c in cats:
-    if not _is_int(c['id']):
-      raise _fail(path, f'category id {c["id"]!r}; expected an integer')
-    category_ids.append(c['id'])
-  if len(set(category_ids)) != len(category_ids):
-    seen = set()
-    dup = next(c for c in category_ids if c in seen or seen.add(c))
-    raise _fail(path, f'category id {dup} appears more than once')
-  label_of = {c: k + 1 for k, c in enumerate(category_ids)}
-
-  # Images, in the order of their ids.
-  for e in images:
-    if not _is_int(e['id']):
-      raise _fail(path, f'image id {e["id"]!r}; expected an integer')
-    name, w, h = e['file_name'], e['width'], e['height']
-    if not isinstance(name, str) or not name:
-      raise _fail(path, f'image {e["id"]}: file_name {name!r}; expected a '
-                        f'file name under {images_dir}')
-    if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-      raise _fail(path, f'image {e["id"]} ({name}): width {w!r} and height '
-                        f'{h!r}; expected positive integers')
-  images = sorted(images, key=lambda e: e['id'])
-  image_ids = [e['id'] for e in images]
-  for a, b in zip(image_ids, image_ids[1:]):
-    if a == b:
-      raise _fail(path, f'image id {a} appears more than once')
-  position = {i: k for k, i in enumerate(image_ids)}
-  widths = np.asarray([e['width'] for e in images], np.int64)
-  heights = np.asarray([e['height'] for e in images], np.int64)
-  files = [e['file_name'] for e in images]
+  category_ids = parsed.category_ids
 
   def image_of(k: int) -> str:
     return os.path.join(images_dir, files[pos[k]])
 
   # Annotations: image, category, crowd flag, box, segmentation.
-  m = len(anns)
-  pos = np.asarray([_lookup(position, a['image_id']) for a in anns], np.int64)
-  if m and pos.min() < 0:
-    a = anns[int(np.argmax(pos < 0))]
-    raise _fail(path, f'annotation {a["id"]} refers to image_id '
-                      f'{a["image_id"]!r}, which is not in "images"')
-  labels = np.asarray([_lookup(label_of, a['category_id']) for a in anns],
-                      np.int64)
-  if m and labels.min() < 0:
-    k = int(np.argmax(labels < 0))
-    shown = category_ids if len(category_ids) <= 10 else (
-        f'{category_ids[:10]} ...')
-    raise _fail(path, f'annotation {anns[k]["id"]} (image {image_of(k)}) has '
-                      f'category_id {anns[k]["category_id"]!r}, which is not '
-                      f'in "categories" (ids {shown})')
-  crowd = np.zeros(m, bool)
+  pos = parsed.positions()
+  labels = parsed.category_indices(
+      {c: k + 1 for k, c in enumerate(category_ids)}, image_of)
+  crowd = np.zeros(len(anns), bool)
   for k, a in enumerate(anns):
     if a['iscrowd'] not in (0, 1):
-      raise _fail(path, f'annotation {a["id"]} (image {image_of(k)}): '
-                        f'iscrowd {a["iscrowd"]!r}; expected 0 or 1')
+      raise coco_format.fail(path, f'annotation {a["id"]} (image '
+                                   f'{image_of(k)}): iscrowd '
+                                   f'{a["iscrowd"]!r}; expected 0 or 1')
     crowd[k] = a['iscrowd'] == 1
-  xywh = _bboxes(anns, pos, files, path)
-  w_img, h_img = widths[pos].astype(np.float64), heights[pos].astype(
-      np.float64)
-  outside = ((xywh[:, 0] < -BOX_TOLERANCE) | (xywh[:, 1] < -BOX_TOLERANCE) |
-             (xywh[:, 2] < 0) | (xywh[:, 3] < 0) |
-             (xywh[:, 0] + xywh[:, 2] > w_img + BOX_TOLERANCE) |
-             (xywh[:, 1] + xywh[:, 3] > h_img + BOX_TOLERANCE))
-  if outside.any():
-    k = int(np.argmax(outside))
-    raise _fail(
-        path, f'annotation {anns[k]["id"]} of image {image_of(k)}: bbox '
-              f'{anns[k]["bbox"]} ([x, y, w, h]) reaches outside the '
-              f'{int(w_img[k])}x{int(h_img[k])} (width x height) image; '
-              f'expected it inside, give or take {BOX_TOLERANCE:g} pixel')
+  xywh = parsed.bboxes(pos)
+  w_img = widths[pos].astype(np.float64)
+  h_img = heights[pos].astype(np.float64)
+  parsed.check_inside(
+      (xywh[:, 0] < -BOX_TOLERANCE) | (xywh[:, 1] < -BOX_TOLERANCE) |
+      (xywh[:, 2] < 0) | (xywh[:, 3] < 0) |
+      (xywh[:, 0] + xywh[:, 2] > w_img + BOX_TOLERANCE) |
+      (xywh[:, 1] + xywh[:, 3] > h_img + BOX_TOLERANCE), pos, BOX_TOLERANCE)
   _check_segmentations(anns, heights[pos], widths[pos], path, image_of)
 
   # Per image, in JSON order: the training split keeps images with usable
   # annotations; targets are the non-crowd, non-empty boxes.
   order = np.argsort(pos, kind='stable')
-  per_image = np.split(order, np.cumsum(np.bincount(pos, minlength=len(
-      images)))[:-1])
-  keep_image = np.ones(len(images), bool)
+  per_image = np.split(order, np.cumsum(np.bincount(pos, minlength=n))[:-1])
+  keep_image = np.ones(n, bool)
   if train:
     for i, ks in enumerate(per_image):
       keep_image[i] = has_valid_annotation([anns[k] for k in ks.tolist()])
@@ -1166,29 +1104,9 @@ def _parse_instances(js: dict[str, Any], path: str, images_dir: str,
       sizes=np.stack([heights, widths], axis=1)[kept],
       boxes=out_boxes, labels=out_labels, segmentations=out_segs,
       category_ids=category_ids,
-      image_ids=[image_ids[i] for i in kept.tolist()], coco_gt=js,
+      image_ids=[parsed.image_ids[i] for i in kept.tolist()], coco_gt=js,
       labels_file=path, dropped_boxes=dropped,
-      removed_images=int(len(images) - len(kept)))
-
-
-def _check_files(args: dict[str, Any], images_dir: str) -> None:
-  """Every image of the dataset must be a file under images_dir."""
-  try:
-    listed = set(os.listdir(images_dir))
-  except OSError as e:
-    raise DataError(f'{images_dir}: cannot be listed ({e})') from None
-  missing = [p for p in args['images'] if not (
-      os.path.basename(p) in listed
-      if os.path.dirname(p) == images_dir.rstrip(os.sep) else
-      os.path.isfile(p))]
-  if missing:
-    shown = ', '.join(os.path.relpath(p, images_dir)
-                      for p in missing[:_NAME_LIMIT])
-    more = ' ...' if len(missing) > _NAME_LIMIT else ''
-    raise DataError(
-        f'{images_dir}: {len(missing)} of the {len(args["images"])} images '
-        f'with annotations in {args["labels_file"]} are missing: '
-        f'{shown}{more} (expected each image at {images_dir}/<file_name>)')
+      removed_images=int(n - len(kept)))
 
 
 def _read_split(data_dir: str, split: str, train: bool) -> dict[str, Any]:
@@ -1200,8 +1118,10 @@ def _read_split(data_dir: str, split: str, train: bool) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise DataError(f'{path}: no such file (expected the COCO layout under '
                     f'{data_dir}: {_LAYOUT})')
-  args = _parse_instances(_load_json(path), path, images_dir, train)
-  _check_files(args, images_dir)
+  args = _parse_instances(coco_format.load_json(path), path, images_dir, train)
+  # Only the images kept need to be there.
+  coco_format.check_files(args['images'], images_dir, path,
+                          'with annotations in')
   return args
 
 
@@ -1267,42 +1187,16 @@ def write_coco_split(root: str | os.PathLike, split: str,
     root: the dataset root; images go to root/split/ and the JSON to
       root/annotations/instances_<split>.json.
     split: 'train2017' or 'val2017' (any name is written).
-    images: dicts with 'id', 'file_name' and 'image': uint8 [h, w, 3] pixels
-      (written as JPEG, quality 95), raw bytes (written as they are) or None
-      (no file written). 'width' and 'height' default to the pixels' size
-      (required for bytes or None).
+    images: the images, as `coco_format.write_split` takes them (pixels
+      are written as JPEG, quality 95).
     annotations: written to the JSON as given.
     categories: written to the JSON as given.
   """
   root = os.fspath(root)
-  images_dir = os.path.join(root, split)
-  labels_dir = os.path.join(root, ANNOTATIONS_DIR)
-  os.makedirs(images_dir, exist_ok=True)
-  os.makedirs(labels_dir, exist_ok=True)
-  entries = []
-  for e in images:
-    pixels = e.get('image')
-    entry = {'id': e['id'], 'file_name': e['file_name']}
-    target = os.path.join(images_dir, e['file_name'])
-    if isinstance(pixels, np.ndarray):
-      if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f'image {e["id"]}: expected uint8 [h, w, 3], got '
-                         f'{pixels.dtype} {pixels.shape}')
-      entry['width'] = int(e.get('width', pixels.shape[1]))
-      entry['height'] = int(e.get('height', pixels.shape[0]))
-      with open(target, 'wb') as f:
-        f.write(encode_jpeg(pixels))
-    else:
-      entry['width'], entry['height'] = e['width'], e['height']
-      if pixels is not None:
-        with open(target, 'wb') as f:
-          f.write(bytes(pixels))
-    entries.append(entry)
-  path = os.path.join(labels_dir, f'instances_{split}.json')
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump({'images': entries, 'annotations': list(annotations),
-               'categories': list(categories)}, f)
-  return path
+  return coco_format.write_split(
+      os.path.join(root, split),
+      os.path.join(root, ANNOTATIONS_DIR, f'instances_{split}.json'), images,
+      annotations, categories)
 
 
 # ---------------------------------------------------------------- synthetic

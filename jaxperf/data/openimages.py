@@ -74,20 +74,15 @@ API:
 
 from __future__ import annotations
 
-import collections
 import colorsys
-import io
-import json
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from jaxperf.data.augment import decode_image, local_batch_size
-from jaxperf.data import prefetch
+from jaxperf.data import coco_format, prefetch
 from jaxperf.data.prefetch import PrefetchedStreams
 from jaxperf.errors import ConfigError, DataError
 
@@ -100,7 +95,8 @@ LABELS_FILE = 'openimages-mlperf.json'
 TRAIN_SPLIT, EVAL_SPLIT = 'train', 'validation'
 # How far (pixels) a box may reach outside its image and still be clamped.
 BOX_TOLERANCE = 1.0
-JPEG_QUALITY = 95
+JPEG_QUALITY = coco_format.JPEG_QUALITY
+encode_jpeg = coco_format.encode_jpeg
 
 _LAYOUT = ('{split}/data/<file_name> (JPEG images) and '
            f'{{split}}/labels/{LABELS_FILE} (COCO-format JSON with images, '
@@ -109,8 +105,8 @@ _LAYOUT = ('{split}/data/<file_name> (JPEG images) and '
 _ORDER, _FLIP, _SYNTH, _NOISE = 1, 2, 3, 4
 # Training batches submitted to the pool ahead of the one being assembled.
 _IN_FLIGHT = 2
-# Missing files named in an error.
-_NAME_LIMIT = 5
+# The keys every annotation must hold.
+_ANN_KEYS = ('id', 'image_id', 'bbox', 'category_id')
 
 # ---------------------------------------------------------------- resize
 
@@ -484,86 +480,6 @@ class DetectionDataset(PrefetchedStreams):
 # ---------------------------------------------------------------- reading
 
 
-def _fail(path: str, message: str) -> DataError:
-  return DataError(f'{path}: {message}')
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _list_field(js: Mapping[str, Any], key: str, path: str) -> list:
-  value = js.get(key)
-  if not isinstance(value, list):
-    what = 'missing' if value is None else f'a {type(value).__name__}'
-    raise _fail(path, f'"{key}" is {what}; expected a list (COCO format: '
-                      f'images, annotations and categories)')
-  return value
-
-
-def _load_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path, encoding='utf-8') as f:
-      js = json.load(f)
-  except json.JSONDecodeError as e:
-    raise _fail(path, f'malformed JSON at line {e.lineno} column {e.colno} '
-                      f'({e.msg}); expected COCO-format annotations') from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise _fail(path, f'cannot be read ({e})') from None
-  if not isinstance(js, dict):
-    raise _fail(path, f'holds a JSON {type(js).__name__}; expected an object '
-                      f'with images, annotations and categories')
-  return js
-
-
-def _check_entries(entries: list, keys: Sequence[str], what: str,
-                   path: str) -> None:
-  """Every entry a dict holding `keys`; DataError naming the first not."""
-  for k, e in enumerate(entries):
-    if not isinstance(e, dict) or any(key not in e for key in keys):
-      if isinstance(e, dict):
-        ident = f' (id {e["id"]})' if 'id' in e else ''
-        detail = f'lacks {", ".join(k for k in keys if k not in e)}'
-      else:
-        ident, detail = '', f'is a {type(e).__name__}'
-      raise _fail(path, f'{what} #{k}{ident} {detail}; expected objects with '
-                        f'{", ".join(keys)}')
-
-
-def _lookup(table: Mapping[Any, int], key: Any) -> int:
-  """table[key], or -1 if it is not there (or not a valid key)."""
-  try:
-    return table.get(key, -1)
-  except TypeError:
-    return -1
-
-
-def _bboxes(anns: list, pos: np.ndarray, files: list[str], path: str
-            ) -> np.ndarray:
-  """The annotations' bboxes, float64 [m, 4]; DataError naming the first
-  that is not 4 finite numbers."""
-  m = len(anns)
-  try:
-    xywh = np.array([a['bbox'] for a in anns])
-  except ValueError:          # ragged
-    xywh = None
-  if (xywh is not None and xywh.shape == (m, 4) and xywh.dtype.kind in 'iuf'
-      and np.isfinite(xywh).all()):
-    return xywh.astype(np.float64)
-  if m == 0:
-    return np.zeros((0, 4), np.float64)
-  for k, a in enumerate(anns):
-    b = a['bbox']
-    if (not isinstance(b, list) or len(b) != 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool)
-        and math.isfinite(v) for v in b)):
-      raise _fail(path, f'annotation {a["id"]} (image {files[pos[k]]}): bbox '
-                        f'{b!r}; expected [x, y, width, height], 4 finite '
-                        f'numbers in pixels')
-  # Every bbox is 4 finite numbers (e.g. huge integers numpy kept as objects).
-  return np.asarray([a['bbox'] for a in anns], np.float64)
-
-
 def _read_split(data_dir: str, split: str) -> dict[str, Any]:
   """Reads and checks one split: the DetectionDataset's arguments."""
   split_dir = os.path.join(data_dir, split)
@@ -577,119 +493,46 @@ def _read_split(data_dir: str, split: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise DataError(f'{path}: no such file (expected the OpenImages '
                     f'layout: {layout})')
-  js = _load_json(path)
-  images = _list_field(js, 'images', path)
-  anns = _list_field(js, 'annotations', path)
-  cats = _list_field(js, 'categories', path)
-  _check_entries(images, ('id', 'file_name', 'width', 'height'), 'image', path)
-  _check_entries(anns, ('id', 'image_id', 'bbox', 'category_id'),
-                 'annotation', path)
-  _check_entries(cats, ('id',), 'category', path)
-  if not images:
-    raise _fail(path, 'no images')
-  if not cats:
-    raise _fail(path, 'no categories')
+  js = coco_format.load_json(path)
+  parsed = coco_format.parse_split(js, path, images_dir, _ANN_KEYS)
+  # Every image of the JSON, in the order of its id (torchvision's
+  # CocoDetection order), must be there.
+  files = parsed.files
+  images = [os.path.join(images_dir, f) for f in files]
+  coco_format.check_files(images, images_dir, path, 'listed in')
 
-  # Categories: sorted ids -> contiguous class indices.
-  category_ids = []
-  for c in cats:
-    if not _is_int(c['id']):
-      raise _fail(path, f'category id {c["id"]!r}; expected an integer')
-    category_ids.append(c['id'])
-  if len(set(category_ids)) != len(category_ids):
-    dup = collections.Counter(category_ids).most_common(1)[0][0]
-    raise _fail(path, f'category id {dup} appears more than once')
-  category_ids.sort()
-  class_of = {c: k for k, c in enumerate(category_ids)}
-
-  # Images, in the order of their ids (torchvision's CocoDetection order).
-  for e in images:
-    if not _is_int(e['id']):
-      raise _fail(path, f'image id {e["id"]!r}; expected an integer')
-    name, w, h = e['file_name'], e['width'], e['height']
-    if not isinstance(name, str) or not name:
-      raise _fail(path, f'image {e["id"]}: file_name {name!r}; expected a '
-                        f'file name under {images_dir}')
-    if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-      raise _fail(path, f'image {e["id"]} ({name}): width {w!r} and height '
-                        f'{h!r}; expected positive integers')
-  images = sorted(images, key=lambda e: e['id'])
-  image_ids = [e['id'] for e in images]
-  for a, b in zip(image_ids, image_ids[1:]):
-    if a == b:
-      raise _fail(path, f'image id {a} appears more than once')
-  position = {i: k for k, i in enumerate(image_ids)}
-  n = len(images)
-  widths = np.asarray([e['width'] for e in images], np.float64)
-  heights = np.asarray([e['height'] for e in images], np.float64)
-  files = [e['file_name'] for e in images]
-
-  # Every image file must be there.
-  try:
-    listed = set(os.listdir(images_dir))
-  except OSError as e:
-    raise DataError(f'{images_dir}: cannot be listed ({e})') from None
-  missing = [f for f in files if not (
-      f in listed if os.sep not in f and '/' not in f
-      else os.path.isfile(os.path.join(images_dir, f)))]
-  if missing:
-    shown = ', '.join(missing[:_NAME_LIMIT])
-    more = ' ...' if len(missing) > _NAME_LIMIT else ''
-    raise DataError(
-        f'{images_dir}: {len(missing)} of the {n} images listed in {path} are '
-        f'missing: {shown}{more} (expected each image at '
-        f'{images_dir}/<file_name>)')
-
-  # Annotations: image, category, box.
-  m = len(anns)
-  pos = np.asarray([_lookup(position, a['image_id']) for a in anns], np.int64)
-  if m and pos.min() < 0:
-    a = anns[int(np.argmax(pos < 0))]
-    raise _fail(path, f'annotation {a["id"]} refers to image_id '
-                      f'{a["image_id"]!r}, which is not in "images"')
-  cls = np.asarray([_lookup(class_of, a['category_id']) for a in anns],
-                   np.int64)
-  if m and cls.min() < 0:
-    a = anns[int(np.argmax(cls < 0))]
-    shown = category_ids if len(category_ids) <= 10 else (
-        f'{category_ids[:10]} ...')
-    raise _fail(path, f'annotation {a["id"]} (image '
-                      f'{files[position[a["image_id"]]]}) has category_id '
-                      f'{a["category_id"]!r}, which is not in "categories" '
-                      f'(ids {shown})')
-  xywh = _bboxes(anns, pos, files, path)
-  w_img, h_img = widths[pos], heights[pos]
+  # Annotations: image, category (sorted ids -> contiguous class indices),
+  # box.
+  category_ids = sorted(parsed.category_ids)
+  pos = parsed.positions()
+  cls = parsed.category_indices({c: k for k, c in enumerate(category_ids)},
+                               lambda k: files[pos[k]])
+  xywh = parsed.bboxes(pos)
+  w_img = parsed.widths[pos].astype(np.float64)
+  h_img = parsed.heights[pos].astype(np.float64)
   xs = np.stack([xywh[:, 0], xywh[:, 0] + xywh[:, 2]], axis=1)
   ys = np.stack([xywh[:, 1], xywh[:, 1] + xywh[:, 3]], axis=1)
-  outside = ((xs.min(axis=1) < -BOX_TOLERANCE) |
-             (ys.min(axis=1) < -BOX_TOLERANCE) |
-             (xs.max(axis=1) > w_img + BOX_TOLERANCE) |
-             (ys.max(axis=1) > h_img + BOX_TOLERANCE))
-  if outside.any():
-    k = int(np.argmax(outside))
-    a = anns[k]
-    raise _fail(
-        path, f'annotation {a["id"]} of image '
-              f'{os.path.join(images_dir, files[pos[k]])}: bbox {a["bbox"]} '
-              f'([x, y, w, h]) reaches outside the {int(w_img[k])}x'
-              f'{int(h_img[k])} (width x height) image; expected it inside, '
-              f'give or take {BOX_TOLERANCE:g} pixel')
+  parsed.check_inside((xs.min(axis=1) < -BOX_TOLERANCE) |
+                     (ys.min(axis=1) < -BOX_TOLERANCE) |
+                     (xs.max(axis=1) > w_img + BOX_TOLERANCE) |
+                     (ys.max(axis=1) > h_img + BOX_TOLERANCE),
+                     pos, BOX_TOLERANCE)
   # As the reference: float32 corners, clamped, degenerate boxes dropped.
   b32 = xywh.astype(np.float32)
   corners = np.concatenate([b32[:, :2], b32[:, :2] + b32[:, 2:]], axis=1)
   wh = np.stack([w_img, h_img], axis=1).astype(np.float32)
   corners = np.clip(corners, 0, np.concatenate([wh, wh], axis=1))
   keep = (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
-  dropped = int(m - keep.sum())
+  dropped = int(len(keep) - keep.sum())
   pos, cls, corners = pos[keep], cls[keep], corners[keep]
   order = np.argsort(pos, kind='stable')
   pos, cls, corners = pos[order], cls[order], corners[order]
-  splits = np.cumsum(np.bincount(pos, minlength=n))[:-1]
+  splits = np.cumsum(np.bincount(pos, minlength=len(files)))[:-1]
   return dict(
-      images=[os.path.join(images_dir, f) for f in files],
-      sizes=np.stack([heights, widths], axis=1).astype(np.int64),
+      images=images,
+      sizes=np.stack([parsed.heights, parsed.widths], axis=1),
       boxes=np.split(corners, splits), labels=np.split(cls, splits),
-      category_ids=category_ids, image_ids=image_ids, coco_gt=js,
+      category_ids=category_ids, image_ids=parsed.image_ids, coco_gt=js,
       dropped_boxes=dropped, labels_file=path)
 
 
@@ -744,52 +587,16 @@ def write_coco_split(root: str | os.PathLike, split: str,
     root: the dataset root; the split goes to root/split/data and
       root/split/labels/openimages-mlperf.json.
     split: 'train' or 'validation' (any name is written).
-    images: dicts with 'id', 'file_name' and 'image': uint8 [h, w, 3] pixels
-      (written by `encode_jpeg`: JPEG, quality 95), raw bytes (written as
-      they are) or None (no file written). 'width' and 'height' default to
-      the pixels' size (required for bytes or None); give them to write a
-      mismatched JSON.
+    images: the images, as `coco_format.write_split` takes them (pixels
+      are written as JPEG, quality 95).
     annotations: written to the JSON as given.
     categories: written to the JSON as given.
   """
   split_dir = os.path.join(os.fspath(root), split)
-  data_dir = os.path.join(split_dir, 'data')
-  labels_dir = os.path.join(split_dir, 'labels')
-  os.makedirs(data_dir, exist_ok=True)
-  os.makedirs(labels_dir, exist_ok=True)
-  entries = []
-  for e in images:
-    pixels = e.get('image')
-    entry = {'id': e['id'], 'file_name': e['file_name']}
-    if isinstance(pixels, np.ndarray):
-      pixels = np.asarray(pixels)
-      if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f'image {e["id"]}: expected uint8 [h, w, 3], got '
-                         f'{pixels.dtype} {pixels.shape}')
-      entry['width'] = int(e.get('width', pixels.shape[1]))
-      entry['height'] = int(e.get('height', pixels.shape[0]))
-      with open(os.path.join(data_dir, e['file_name']), 'wb') as f:
-        f.write(encode_jpeg(pixels))
-    else:
-      entry['width'], entry['height'] = e['width'], e['height']
-      if pixels is not None:
-        with open(os.path.join(data_dir, e['file_name']), 'wb') as f:
-          f.write(bytes(pixels))
-    entries.append(entry)
-  path = os.path.join(labels_dir, LABELS_FILE)
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump({'images': entries, 'annotations': list(annotations),
-               'categories': list(categories)}, f)
-  return path
-
-
-def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-  """uint8 [h, w, 3] pixels as JPEG bytes (no chroma subsampling, which
-  would smear the edges of small saturated objects)."""
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(pixels, np.uint8)).save(
-      buf, format='JPEG', quality=quality, subsampling=0)
-  return buf.getvalue()
+  return coco_format.write_split(
+      os.path.join(split_dir, 'data'),
+      os.path.join(split_dir, 'labels', LABELS_FILE), images, annotations,
+      categories)
 
 
 # ---------------------------------------------------------------- synthetic
