@@ -109,8 +109,9 @@ def resolve_config(args: argparse.Namespace, platform_name: str,
     overrides['dtype'] = _PRECISIONS[args.precision]
   if args.image_size is not None:
     base = config_lib.workload_file(cls.name)['base']
-    if 'image_size' in base:
-      overrides['image_size'] = args.image_size
+    if 'image_size' in base:                # a side, or (height, width)
+      overrides['image_size'] = ([args.image_size] * 2 if isinstance(
+          base['image_size'], list) else args.image_size)
     elif 'input_shape' in base:             # volumes: a cube of that side
       overrides['input_shape'] = [args.image_size] * 3
       overrides['val_input_shape'] = [args.image_size] * 3

@@ -180,6 +180,21 @@ def test_dlrm_reports_embedding_traffic(tmp_path):
       2 * 7 * 300 * 64 / 1024)
 
 
+def test_retinanet_at_a_given_side_on_8_devices(tmp_path):
+  """--image-size S sets RetinaNet's (height, width) to (S, S); the batch of
+  boxes is valid and the step runs data parallel on 8 devices."""
+  out = tmp_path / 'retinanet.json'
+  proc = _bench('--model', 'retinanet', '--config', 'smoke', '--image-size',
+                '64', '--batch', '8', '--steps', '1', '--warmup', '0',
+                '--peak-tflops', '0.02', '--json', str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  with open(out) as f:
+    r = json.load(f)
+  assert r['model'] == 'retinanet' and r['config']['image_size'] == [64, 64]
+  assert r['mesh'] == 'data=8' and r['step_time_s'] > 0
+  assert 0 < r['final_loss'] < 10
+
+
 def test_step_stats():
   s = bench.step_stats([4.0, 1.0, 3.0, 2.0, 5.0])
   assert (s['median'], s['mean'], s['min'], s['max']) == (3.0, 3.0, 1.0, 5.0)
