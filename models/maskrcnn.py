@@ -62,15 +62,15 @@ not part of this module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from .layers.conv import Conv
 from .retinanet import FrozenBatchNorm
+from .retinanet import FrozenStages
 from .retinanet import _upsample_nearest  # pylint: disable=protected-access
 
 Dtype = Any
@@ -320,7 +320,7 @@ class MaskPredictor(nn.Module):
     return x.astype(jnp.float32)
 
 
-class MaskRCNN(nn.Module):
+class MaskRCNN(FrozenStages, nn.Module):
   """Mask R-CNN (ResNet-50 FPN) without its ROI pooling and box logic.
 
   Parts, each usable through `apply(variables, ..., method=...)`:
@@ -404,28 +404,6 @@ class MaskRCNN(nn.Module):
             'rpn_deltas': deltas, 'class_logits': class_logits,
             'box_regression': box_regression,
             'mask_logits': self.mask_head(mask_pooled)}
-
-  def frozen_module_names(self) -> list[str]:
-    """Names of the backbone modules (under params/backbone) kept frozen."""
-    if not 0 <= self.frozen_stages <= len(self.stage_sizes) + 1:
-      raise ValueError(f'frozen_stages must be in 0..'
-                       f'{len(self.stage_sizes) + 1}, got {self.frozen_stages}')
-    names = ['conv0', 'bn0'] if self.frozen_stages >= 1 else []
-    for stage in range(1, self.frozen_stages):
-      names += [f'stage{stage}_unit{u + 1}'
-                for u in range(self.stage_sizes[stage - 1])]
-    return names
-
-  def frozen_mask(self, params: Mapping[str, Any]) -> Any:
-    """A pytree like `params` (the 'params' collection): True for each
-    parameter that stays frozen (the stem and the first frozen_stages - 1
-    backbone stages), False for the trained ones."""
-    frozen = set(self.frozen_module_names())
-
-    def mark(path, _):
-      keys = [getattr(k, 'key', k) for k in path]
-      return len(keys) > 1 and keys[0] == 'backbone' and keys[1] in frozen
-    return jax.tree_util.tree_map_with_path(mark, params)
 
 
 def maskrcnn_resnet50_fpn(**kwargs) -> MaskRCNN:

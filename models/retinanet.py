@@ -219,7 +219,35 @@ class RetinaNetHead(nn.Module):
     return jnp.concatenate(outputs, axis=1)
 
 
-class RetinaNet(nn.Module):
+class FrozenStages:
+  """For a detector whose 'backbone' freezes its stem and first stages:
+  frozen_module_names and frozen_mask, from the module's `stage_sizes` and
+  `frozen_stages` (the stem being stage 0)."""
+
+  def frozen_module_names(self) -> list[str]:
+    """Names of the backbone modules (under params/backbone) kept frozen."""
+    if not 0 <= self.frozen_stages <= len(self.stage_sizes) + 1:
+      raise ValueError(f'frozen_stages must be in 0..'
+                       f'{len(self.stage_sizes) + 1}, got {self.frozen_stages}')
+    names = ['conv0', 'bn0'] if self.frozen_stages >= 1 else []
+    for stage in range(1, self.frozen_stages):
+      names += [f'stage{stage}_unit{u + 1}'
+                for u in range(self.stage_sizes[stage - 1])]
+    return names
+
+  def frozen_mask(self, params: Mapping[str, Any]) -> Any:
+    """A pytree like `params` (the 'params' collection): True for each
+    parameter that stays frozen (the stem and the first frozen_stages - 1
+    backbone stages), False for the trained ones."""
+    frozen = set(self.frozen_module_names())
+
+    def mark(path, _):
+      keys = [getattr(k, 'key', k) for k in path]
+      return len(keys) > 1 and keys[0] == 'backbone' and keys[1] in frozen
+    return jax.tree_util.tree_map_with_path(mark, params)
+
+
+class RetinaNet(FrozenStages, nn.Module):
   """RetinaNet (ResNeXt50-32x4d FPN). Input: normalized NHWC images.
 
   Returns {'cls_logits': [B, N, num_classes], 'bbox_regression': [B, N, 4]}
@@ -262,28 +290,6 @@ class RetinaNet(nn.Module):
     if return_features:
       out['features'] = features
     return out
-
-  def frozen_module_names(self) -> list[str]:
-    """Names of the backbone modules (under params/backbone) kept frozen."""
-    if not 0 <= self.frozen_stages <= len(self.stage_sizes) + 1:
-      raise ValueError(f'frozen_stages must be in 0..'
-                       f'{len(self.stage_sizes) + 1}, got {self.frozen_stages}')
-    names = ['conv0', 'bn0'] if self.frozen_stages >= 1 else []
-    for stage in range(1, self.frozen_stages):
-      names += [f'stage{stage}_unit{u + 1}'
-                for u in range(self.stage_sizes[stage - 1])]
-    return names
-
-  def frozen_mask(self, params: Mapping[str, Any]) -> Any:
-    """A pytree like `params` (the 'params' collection): True for each
-    parameter that stays frozen (the stem and the first frozen_stages - 1
-    backbone stages), False for the trained ones."""
-    frozen = set(self.frozen_module_names())
-
-    def mark(path, _):
-      keys = [getattr(k, 'key', k) for k in path]
-      return len(keys) > 1 and keys[0] == 'backbone' and keys[1] in frozen
-    return jax.tree_util.tree_map_with_path(mark, params)
 
 
 def retinanet_resnext50_32x4d_fpn(**kwargs) -> RetinaNet:

@@ -21,6 +21,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead
 
 from jaxperf import losses
+from jaxperf import metrics
 from jaxperf.models import layers
 from jaxperf.models.layers import two_stage
 from jaxperf.models.layers.anchors import feature_sizes
@@ -726,17 +727,17 @@ def test_paste_masks_match_torchvision_and_rle():
                     [60, 50, 120, 95], [30, 30, 30.4, 30.2],
                     [0, 0, 89, 69], [44.9, 12.1, 47.2, 60.8],
                     [100, 80, 130, 99], [5, 60, 25, 69.9]], np.float32)
-  soft = layers.paste_masks(masks, boxes, (h, w), threshold=None)
+  soft = metrics.paste_masks(masks, boxes, (h, w), threshold=None)
   # torchvision (and the reference) cannot paste the box outside the image.
   inside = np.arange(8) != 6
   expected = tv_roi_heads.paste_masks_in_image(
       t(masks[inside, None]), t(boxes[inside]), (h, w))[:, 0].numpy()
   np.testing.assert_allclose(soft[inside], expected, atol=2e-6)
   assert not soft[6].any()
-  hard = layers.paste_masks(masks, boxes, (h, w))
+  hard = metrics.paste_masks(masks, boxes, (h, w))
   assert hard.dtype == bool
   np.testing.assert_array_equal(hard, soft > 0.5)
-  rles = layers.masks_to_rle(hard)
+  rles = metrics.masks_to_rle(hard)
   assert all(isinstance(r['counts'], str) for r in rles)
   decoded = mask_util.decode([{'size': r['size'],
                                'counts': r['counts'].encode()} for r in rles])

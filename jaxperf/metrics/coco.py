@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -158,3 +159,103 @@ def coco_box_map(coco_gt: Mapping[str, Any] | COCO, detections: Any, *,
     evaluator.accumulate()
     evaluator.summarize()
   return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+
+
+# ---------------------------------------------------------------------------
+# Masks for segm evaluation: pasting into images and RLE encoding.
+
+
+def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] float32 weights of PyTorch's bilinear resize along an axis
+  (align_corners=False)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5))
+  src = np.maximum(src - np.float32(0.5), np.float32(0))
+  low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  frac = (src - low.astype(np.float32)).astype(np.float32)
+  high = low + (low < in_size - 1)
+  weights = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  np.add.at(weights, (rows, low), np.float32(1) - frac)
+  np.add.at(weights, (rows, high), frac)
+  return weights
+
+
+def paste_masks(masks, boxes, image_size: Sequence[int], *,
+                threshold: float | None = 0.5, padding: int = 1
+                ) -> np.ndarray:
+  """Masks [D, M, M] pasted into images, as the reference's Masker.
+
+  For each detection, its mask is padded by `padding` empty pixels, its box
+  scaled about its centre by (M + 2 padding) / M and truncated to integer
+  pixels, the padded mask resized (bilinear, PyTorch's align_corners=False)
+  to the box's x2 - x1 + 1 by y2 - y1 + 1 pixels, binarised (> threshold)
+  and written into an empty image where it overlaps it
+  (paste_mask_in_image; torchvision's paste_masks_in_image does the same
+  without the threshold). Runs on the host, in numpy, on the output of
+  jaxperf.models.layers.mask_probabilities.
+
+  Args:
+    masks: [D, M, M] mask probabilities.
+    boxes: [D, 4] the detections' boxes in the target image's pixels (the
+      reference pastes into the original image, with boxes mapped back by
+      jaxperf.models.layers.rescale_boxes).
+    image_size: (height, width) of the target image.
+    threshold: MODEL.ROI_MASK_HEAD.POSTPROCESS_MASKS_THRESHOLD; None
+      returns the resized probabilities.
+    padding: the Masker's padding.
+
+  Returns:
+    [D, height, width]: bool masks, or float32 probabilities when
+    `threshold` is None.
+  """
+  masks = np.asarray(masks, np.float32)
+  boxes = np.asarray(boxes, np.float32)
+  if masks.ndim != 3 or boxes.shape != (masks.shape[0], 4):
+    raise ValueError(f'masks must be [D, M, M] and boxes [D, 4], got '
+                     f'{masks.shape} and {boxes.shape}')
+  im_h, im_w = (int(v) for v in image_size)
+  d, mh, mw = masks.shape
+  out = np.zeros((d, im_h, im_w),
+                 np.float32 if threshold is None else bool)
+  if d == 0:
+    return out
+  padded = np.pad(masks, ((0, 0), (padding, padding), (padding, padding)))
+  scale = np.float32(float(mw + 2 * padding) / mw)
+  w_half = (boxes[:, 2] - boxes[:, 0]) * np.float32(0.5) * scale
+  h_half = (boxes[:, 3] - boxes[:, 1]) * np.float32(0.5) * scale
+  x_c = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5)
+  y_c = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5)
+  expanded = np.stack([x_c - w_half, y_c - h_half, x_c + w_half,
+                       y_c + h_half], axis=1)
+  expanded = np.trunc(expanded).astype(np.int64)
+  for n in range(d):
+    x0, y0, x1, y1 = (int(v) for v in expanded[n])
+    w = max(x1 - x0 + 1, 1)
+    h = max(y1 - y0 + 1, 1)
+    left, right = max(x0, 0), min(x1 + 1, im_w)
+    top, bottom = max(y0, 0), min(y1 + 1, im_h)
+    if left >= right or top >= bottom:
+      continue
+    wy = _resize_weights(padded.shape[1], h)[top - y0:bottom - y0]
+    wx = _resize_weights(padded.shape[2], w)[left - x0:right - x0]
+    resized = wy @ padded[n] @ wx.T
+    if threshold is not None:
+      resized = resized > threshold
+    out[n, top:bottom, left:right] = resized
+  return out
+
+
+def masks_to_rle(masks) -> list[dict]:
+  """COCO run-length encodings of binary masks [D, H, W] (pycocotools),
+  with 'counts' as str, ready for a results JSON and COCOeval 'segm'."""
+  masks = np.asarray(masks)
+  if masks.ndim != 3:
+    raise ValueError(f'masks must be [D, H, W], got {masks.shape}')
+  rles = []
+  for mask in masks:
+    rle = mask_util.encode(np.asfortranarray(mask[:, :, None],
+                                             dtype=np.uint8))[0]
+    rle['counts'] = rle['counts'].decode('utf-8')
+    rles.append(rle)
+  return rles

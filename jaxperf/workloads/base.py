@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -232,6 +233,49 @@ class Workload(abc.ABC):
     if not epochs or epochs[-1] != train_epochs:
       epochs.append(train_epochs)
     return epochs
+
+
+class ReplicatedEval:
+  """An evaluation that reads per-batch outputs back to the host.
+
+  `fn(arg, batch)` is compiled for eval batches split over the mesh like
+  the workload's (batch_partition) with replicated outputs, so every process
+  sees the outputs of the whole global batch. `outputs` runs it over the
+  eval source, reading each batch's result after the next one is
+  dispatched, and returns `collect(result)` per batch. This process's rows
+  of a batch are those of `slice_key`'s sharding.
+  """
+
+  def __init__(self, workload: Workload, mesh: Mesh, fn, abstract_arg: Any,
+               slice_key: str):
+    from jaxperf.trainer import _batch_slice  # pylint: disable=g-import-not-at-top
+    self.batch = int(workload.config.eval_batch_size)
+    self.spec = workload.batch_spec(self.batch, train=False)
+    part = workload.batch_partition(mesh, train=False)
+    self.shardings = {k: jax.sharding.NamedSharding(mesh, part[k])
+                      for k in self.spec}
+    self.slice = _batch_slice(self.shardings[slice_key],
+                              self.spec[slice_key].shape, 0)
+    self.fn = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh)).lower(
+        abstract_arg,
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.shardings[k])
+         for k, v in self.spec.items()}).compile()
+
+  def outputs(self, arg: Any, eval_ds: Dataset, collect) -> list[Any]:
+    index, count = self.slice
+    results, pending = [], None
+    for batch in eval_ds.eval_batches(self.batch, process_index=index,
+                                      process_count=count):
+      arrays = {k: jax.make_array_from_process_local_data(
+          self.shardings[k], np.asarray(batch[k], self.spec[k].dtype),
+          self.spec[k].shape) for k in self.spec}
+      out = self.fn(arg, arrays)
+      if pending is not None:
+        results.append(collect(jax.device_get(pending)))
+      pending = out
+    if pending is not None:
+      results.append(collect(jax.device_get(pending)))
+    return results
 
 
 def rng_key(state: TrainState) -> jax.Array:

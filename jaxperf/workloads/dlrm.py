@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxperf import optim
 from jaxperf.config import Config
@@ -34,7 +34,8 @@ from jaxperf.errors import ConfigError
 from jaxperf.models import dlrm as dlrm_model
 from jaxperf.sharding import embedding as emb_lib
 from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import Schedule, TrainState, Workload
+from jaxperf.workloads.base import (ReplicatedEval, Schedule, TrainState,
+                                    Workload)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 NUM_DENSE = 13
@@ -360,52 +361,28 @@ class AUCEvaluator:
   """
 
   def __init__(self, workload: DLRM, mesh, abstract_state):
-    from jaxperf.trainer import _batch_slice  # pylint: disable=g-import-not-at-top
     self.w = workload
-    self.batch = int(workload.config.eval_batch_size)
-    spec = workload.batch_spec(self.batch, train=False)
-    part = workload.batch_partition(mesh, train=False)
-    self.shardings = {k: NamedSharding(mesh, part[k]) for k in spec}
-    self.spec = spec
-    self.slice = _batch_slice(self.shardings['label'], spec['label'].shape, 0)
 
     def fn(params, batch):
       logits = workload.logits(params, batch)
       loss = bce_with_logits(logits, batch['label'])
       return jax.nn.sigmoid(logits), batch['label'], batch['mask'], loss
 
-    rep = mesh_lib.replicated(mesh)
-    self.fn = jax.jit(fn, out_shardings=rep).lower(
-        abstract_state.params,
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.shardings[k])
-         for k, v in spec.items()}).compile()
+    self.loop = ReplicatedEval(workload, mesh, fn, abstract_state.params,
+                               slice_key='label')
 
   def __call__(self, state, eval_ds) -> dict[str, float]:
     from jaxperf import metrics  # pylint: disable=g-import-not-at-top
-    scores, labels, losses = [], [], []
-    index, count = self.slice
-    pending = None
-    for batch in eval_ds.eval_batches(self.batch, process_index=index,
-                                      process_count=count):
-      arrays = {k: jax.make_array_from_process_local_data(
-          self.shardings[k], np.asarray(batch[k], self.spec[k].dtype),
-          self.spec[k].shape) for k in self.spec}
-      out = self.fn(state.params, arrays)
-      if pending is not None:
-        self._collect(pending, scores, labels, losses)
-      pending = out                 # read after the next batch is dispatched
-    if pending is not None:
-      self._collect(pending, scores, labels, losses)
-    s = np.concatenate(scores) if scores else np.zeros([0], np.float32)
-    y = np.concatenate(labels) if labels else np.zeros([0], np.float32)
-    loss = np.concatenate(losses) if losses else np.zeros([0], np.float32)
+    parts = self.loop.outputs(state.params, eval_ds, self._collect)
+    if parts:
+      s, y, loss = (np.concatenate(c) for c in zip(*parts))
+    else:
+      s = y = loss = np.zeros([0], np.float32)
     return self.w.eval_result({'auc': metrics.auc(s, y),
                                'loss_sum': float(np.sum(loss, dtype=np.float64)),
                                'examples': int(s.size)})
 
   @staticmethod
-  def _collect(out, scores, labels, losses):
-    p, y, m, loss = (np.asarray(x) for x in jax.device_get(out))
-    scores.append(p[m])
-    labels.append(y[m])
-    losses.append(loss[m])
+  def _collect(out):
+    p, y, m, loss = (np.asarray(x) for x in out)
+    return p[m], y[m], loss[m]

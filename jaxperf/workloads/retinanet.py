@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxperf import losses
 from jaxperf.config import Config
@@ -48,7 +48,8 @@ from jaxperf.errors import ConfigError
 from jaxperf.models import layers
 from jaxperf.models import retinanet as retinanet_model
 from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import Schedule, TrainState, Workload
+from jaxperf.workloads.base import (ReplicatedEval, Schedule, TrainState,
+                                    Workload)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -392,35 +393,14 @@ class CocoEvaluator:
   """
 
   def __init__(self, workload: RetinaNet, mesh, abstract_state):
-    from jaxperf.trainer import _batch_slice  # pylint: disable=g-import-not-at-top
     self.w = workload
-    self.batch = int(workload.config.eval_batch_size)
-    spec = workload.batch_spec(self.batch, train=False)
-    part = workload.batch_partition(mesh, train=False)
-    self.shardings = {k: NamedSharding(mesh, part[k]) for k in spec}
-    self.spec = spec
-    self.slice = _batch_slice(self.shardings['index'], spec['index'].shape, 0)
-    rep = mesh_lib.replicated(mesh)
-    self.fn = jax.jit(workload.eval_step, out_shardings=rep).lower(
-        abstract_state,
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.shardings[k])
-         for k, v in spec.items()}).compile()
+    self.loop = ReplicatedEval(workload, mesh, workload.eval_step,
+                               abstract_state, slice_key='index')
 
   def __call__(self, state, eval_ds) -> dict[str, float]:
     from jaxperf import metrics  # pylint: disable=g-import-not-at-top
-    index, count = self.slice
-    results, pending = [], None
-    for batch in eval_ds.eval_batches(self.batch, process_index=index,
-                                      process_count=count):
-      arrays = {k: jax.make_array_from_process_local_data(
-          self.shardings[k], np.asarray(batch[k], self.spec[k].dtype),
-          self.spec[k].shape) for k in self.spec}
-      out = self.fn(state, arrays)
-      if pending is not None:
-        results.append(self._collect(pending, eval_ds))
-      pending = out                 # read after the next batch is dispatched
-    if pending is not None:
-      results.append(self._collect(pending, eval_ds))
+    results = self.loop.outputs(state, eval_ds,
+                                lambda out: self._collect(out, eval_ds))
     dets = (np.concatenate(results) if results
             else np.zeros((0, 7), np.float64))
     stats = metrics.coco_box_map(eval_ds.coco_gt, dets)
@@ -432,7 +412,7 @@ class CocoEvaluator:
   def _collect(self, out, eval_ds) -> np.ndarray:
     """One batch's detections as pycocotools rows, in original pixels."""
     from jaxperf import metrics  # pylint: disable=g-import-not-at-top
-    host = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+    host = {k: np.asarray(v) for k, v in out.items()}
     keep = host['mask']
     idx = host['index'][keep]
     sizes = np.asarray(eval_ds.sizes)[idx].astype(np.float64)   # (h, w)

@@ -20,8 +20,6 @@ from .two_stage import balanced_sample
 from .two_stage import label_proposals
 from .two_stage import mask_probabilities
 from .two_stage import mask_targets
-from .two_stage import masks_to_rle
-from .two_stage import paste_masks
 from .two_stage import rcnn_box_iou
 from .two_stage import rcnn_decode_boxes
 from .two_stage import rcnn_encode_boxes
@@ -36,8 +34,8 @@ from .two_stage import sample_rois
 __all__ = [
     'anchors_per_level', 'balanced_sample', 'batched_nms', 'box_area',
     'box_iou', 'cell_anchors', 'decode_boxes', 'encode_boxes', 'feature_sizes',
-    'label_proposals', 'mask_probabilities', 'mask_targets', 'masks_to_rle',
-    'match_anchors', 'multilevel_roi_align', 'nms', 'paste_masks',
+    'label_proposals', 'mask_probabilities', 'mask_targets',
+    'match_anchors', 'multilevel_roi_align', 'nms',
     'rcnn_box_iou', 'rcnn_decode_boxes', 'rcnn_encode_boxes',
     'reference_cell_anchors', 'rescale_boxes', 'retinanet_anchors',
     'retinanet_postprocess', 'roi_align', 'roi_detections', 'roi_level',
