@@ -33,7 +33,7 @@ from jaxperf.checkpoint import Checkpointer
 from jaxperf.errors import ConfigError, TrainingError
 from jaxperf.mlperf_log import C, MLPerfLogger
 from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import Workload, new_rng
+from jaxperf.workloads.base import Workload, batch_shape_key, new_rng
 
 
 @dataclasses.dataclass
@@ -205,7 +205,7 @@ class Trainer:
       record = dict(_peek_record(ckpt, resume_step))
       seed = record.get('seed', seed)
       done = record.get('evals') or []
-      if done and w.reached(done[-1][w.metric]):
+      if done and w.reached_result(done[-1]):
         self.say(f'{opts.workdir}: this run already reached the target '
                  f'({w.metric} {done[-1][w.metric]:.4f} at epoch '
                  f'{done[-1]["epoch"]}); nothing to do. Use a new --workdir '
@@ -303,8 +303,16 @@ class Trainer:
     start_step = int(jax.device_get(state.step))
 
     # ---- compile ahead of time ----
-    spec_train = w.batch_spec(gbs, train=True)
-    spec_eval = w.batch_spec(ebs, train=False)
+    # One program per batch shape (most workloads have one; Mask R-CNN one
+    # per image bucket), chosen per call by the batch's shapes.
+    specs_train = w.batch_specs(gbs, train=True)
+    specs_eval = w.batch_specs(ebs, train=False)
+    if len(specs_train) > 1 and k > 1:
+      raise ConfigError(
+          f'steps_per_dispatch={k}: {w.name} batches come in '
+          f'{len(specs_train)} shapes, and the steps of one call share a '
+          f'shape; set --set steps_per_dispatch=1')
+    spec_train, spec_eval = specs_train[0], specs_eval[0]
     part_train = w.batch_partition(mesh, train=True)
     part_eval = w.batch_partition(mesh, train=False)
     block_sh = {k_: NamedSharding(mesh, P(None, *part_train[k_]))
@@ -332,23 +340,29 @@ class Trainer:
         return new_st, metrics
       return jax.lax.scan(body, state, (jnp.arange(k), batches))
 
-    stacked = {k_: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype,
-                                        sharding=block_sh[k_])
-               for k_, v in spec_train.items()}
+    def stacked_spec(spec):
+      return {k_: jax.ShapeDtypeStruct((k,) + v.shape, v.dtype,
+                                       sharding=block_sh[k_])
+              for k_, v in spec.items()}
+    stacked = stacked_spec(spec_train)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, state_sh)
     t0 = time.perf_counter()
-    train_fn = jax.jit(block, donate_argnums=0,
-                       out_shardings=(state_sh, rep)).lower(
-                           abstract_state, stacked,
-                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    jit_block = jax.jit(block, donate_argnums=0,
+                        out_shardings=(state_sh, rep))
+    train_fns = {batch_shape_key(spec): jit_block.lower(
+        abstract_state, stacked_spec(spec),
+        jax.ShapeDtypeStruct((), jnp.int32)).compile()
+                 for spec in specs_train}
     evaluator = w.make_evaluator(mesh, abstract_state)
     if evaluator is None:
-      eval_fn = jax.jit(w.eval_step, out_shardings=rep).lower(
+      jit_eval = jax.jit(w.eval_step, out_shardings=rep)
+      eval_fns = {batch_shape_key(spec): jit_eval.lower(
           abstract_state, {k_: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                     sharding=eval_sh[k_])
-                           for k_, v in spec_eval.items()}).compile()
+                           for k_, v in spec.items()}).compile()
+                  for spec in specs_eval}
     compile_s = time.perf_counter() - t0
     flops_per_step = _step_flops(w, abstract_state, stacked)
     peak = _peak_flops(jax.devices()[0])
@@ -362,8 +376,10 @@ class Trainer:
              + f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
              f'{w.target}; compiled in {compile_s:.1f}s')
     if opts.compile_only:
-      self.say(f'compile only: train step ({k} steps per call) and eval step '
-               f'compiled in {compile_s:.1f}s; not training')
+      self.say(f'compile only: train step ({k} steps per call'
+               + (f'; {len(train_fns)} batch shapes' if len(train_fns) > 1
+                  else '')
+               + f') and eval step compiled in {compile_s:.1f}s; not training')
       return RunResult('compiled', start_step, sched.epoch_of(start_step), evals,
                        None, compile_s, log_path)
 
@@ -400,19 +416,30 @@ class Trainer:
     status = 'aborted'
     rate = None
 
+    specs_by_key = {batch_shape_key(spec): spec for spec in specs_train}
+
     def make_call(n: int):
+      """(compiled block for the batches' shape, global block arrays)."""
       host = [next(batches) for _ in range(n)]
+      shape_key = batch_shape_key(host[0], spec_train)
+      if shape_key not in specs_by_key:
+        raise TrainingError(
+            f'{w.name}: a training batch of shapes '
+            f'{dict((k_, v.shape) for k_, v in host[0].items())} matches '
+            f'none of the {len(specs_by_key)} compiled batch shapes')
+      spec = specs_by_key[shape_key]
       pad = k - n
       local = {}
-      for key_ in spec_train:
+      for key_ in spec:
         arr = np.stack([b[key_] for b in host])
         if pad:
           arr = np.concatenate([arr, np.zeros((pad,) + arr.shape[1:],
                                               arr.dtype)])
         local[key_] = arr
-      return {key_: jax.make_array_from_process_local_data(
-          block_sh[key_], local[key_], (k,) + spec_train[key_].shape)
-              for key_ in spec_train}
+      return train_fns[shape_key], {
+          key_: jax.make_array_from_process_local_data(
+              block_sh[key_], local[key_], (k,) + spec[key_].shape)
+          for key_ in spec}
 
     def flush():
       """Reads the last call's metrics (a host sync) and logs them."""
@@ -491,7 +518,7 @@ class Trainer:
             C.FIRST_EPOCH_NUM: first_epoch, C.EPOCH_COUNT: epoch_count})
         while step < block_end:
           n = min(k, block_end - step)
-          call = make_call(n)
+          train_fn, call = make_call(n)
           state, dev_metrics = train_fn(state, call, jnp.int32(n))
           first = step
           step += n
@@ -519,26 +546,29 @@ class Trainer:
           first_eval = next(iter(spec_eval))
           eidx, ecount = _batch_slice(eval_sh[first_eval],
                                       spec_eval[first_eval].shape, axis=0)
+          eval_specs = {batch_shape_key(sp): sp for sp in specs_eval}
           for batch in eval_ds.eval_batches(ebs, process_index=eidx,
                                             process_count=ecount):
+            shape_key = batch_shape_key(batch, spec_eval)
+            sp = eval_specs[shape_key]
             arrays = {key_: jax.make_array_from_process_local_data(
-                eval_sh[key_], np.asarray(batch[key_]), spec_eval[key_].shape)
-                      for key_ in spec_eval}
-            out = eval_fn(state, arrays)
+                eval_sh[key_], np.asarray(batch[key_]), sp[key_].shape)
+                      for key_ in sp}
+            out = eval_fns[shape_key](state, arrays)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
           result = w.eval_result(jax.device_get(sums))
         value = result[w.metric]
         ml.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: logged})
-        ml.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: logged})
+        ml.event(C.EVAL_ACCURACY, w.logged_accuracy(result),
+                 metadata={C.EPOCH_NUM: logged})
         ml.end(C.BLOCK_STOP, metadata={C.FIRST_EPOCH_NUM: first_epoch})
         ev = {'kind': 'eval', 'step': step, 'epoch': epoch_end, **result}
         evals.append(ev)
         metrics_log.write(ev)
-        reached = w.reached(value)
+        reached = w.reached_result(result)
         where = (f'epoch {epoch_end}' if sched.unit == 'epochs'
                  else f'{epoch_end:,} {sched.unit}')
-        self.say(f'eval @ {where} (step {step}): {w.metric} = '
-                 f'{value:.4f} (target {w.target})'
+        self.say(f'eval @ {where} (step {step}): {w.describe_result(result)}'
                  + ('  -> target reached' if reached else ''))
         prev_epoch = epoch_end
         save(step)

@@ -102,6 +102,21 @@ class Workload(abc.ABC):
   def reached(self, value: float) -> bool:
     return value >= self.target if self.higher_is_better else value <= self.target
 
+  def reached_result(self, result: Mapping[str, Any]) -> bool:
+    """Whether an evaluation's results meet the quality target (a
+    workload with several targets checks them all)."""
+    return self.reached(result[self.metric])
+
+  def logged_accuracy(self, result: Mapping[str, Any]) -> Any:
+    """The eval_accuracy value of the MLPerf log for an evaluation's
+    results: the metric, or what the benchmark's checker rules want."""
+    return result[self.metric]
+
+  def describe_result(self, result: Mapping[str, Any]) -> str:
+    """An evaluation's outcome against the target, for the console."""
+    return (f'{self.metric} = {result[self.metric]:.4f} '
+            f'(target {self.target})')
+
   # --- data ----------------------------------------------------------------
   @abc.abstractmethod
   def datasets(self, data_dir: str | None, seed: int) -> tuple[Dataset, Dataset]:
@@ -111,6 +126,13 @@ class Workload(abc.ABC):
   @abc.abstractmethod
   def batch_spec(self, global_batch: int, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
     """Global shapes and dtypes of one batch, for ahead-of-time compilation."""
+
+  def batch_specs(self, global_batch: int, train: bool
+                  ) -> list[dict[str, jax.ShapeDtypeStruct]]:
+    """Every batch shape the data can take, each compiled ahead of time
+    (e.g. one per image bucket); by default the one of `batch_spec`. The
+    specs must have the same keys and differ in more than the batch size."""
+    return [self.batch_spec(global_batch, train)]
 
   def setup(self, train_examples: int) -> Schedule:
     """Called once the training set size is known, before init."""
@@ -250,32 +272,127 @@ class ReplicatedEval:
                slice_key: str):
     from jaxperf.trainer import _batch_slice  # pylint: disable=g-import-not-at-top
     self.batch = int(workload.config.eval_batch_size)
-    self.spec = workload.batch_spec(self.batch, train=False)
+    specs = workload.batch_specs(self.batch, train=False)
     part = workload.batch_partition(mesh, train=False)
     self.shardings = {k: jax.sharding.NamedSharding(mesh, part[k])
-                      for k in self.spec}
+                      for k in specs[0]}
     self.slice = _batch_slice(self.shardings[slice_key],
-                              self.spec[slice_key].shape, 0)
-    self.fn = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh)).lower(
+                              specs[0][slice_key].shape, 0)
+    jitted = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
+    # One program per batch shape: {shape key: (spec, compiled)}.
+    self.fns = {batch_shape_key(spec): (spec, jitted.lower(
         abstract_arg,
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.shardings[k])
-         for k, v in self.spec.items()}).compile()
+         for k, v in spec.items()}).compile()) for spec in specs}
 
   def outputs(self, arg: Any, eval_ds: Dataset, collect) -> list[Any]:
     index, count = self.slice
     results, pending = [], None
     for batch in eval_ds.eval_batches(self.batch, process_index=index,
                                       process_count=count):
+      spec, fn = self.fns[batch_shape_key(batch, self.shardings)]
       arrays = {k: jax.make_array_from_process_local_data(
-          self.shardings[k], np.asarray(batch[k], self.spec[k].dtype),
-          self.spec[k].shape) for k in self.spec}
-      out = self.fn(arg, arrays)
+          self.shardings[k], np.asarray(batch[k], spec[k].dtype),
+          spec[k].shape) for k in spec}
+      out = fn(arg, arrays)
       if pending is not None:
         results.append(collect(jax.device_get(pending)))
       pending = out
     if pending is not None:
       results.append(collect(jax.device_get(pending)))
     return results
+
+
+class ShardMapDataParallel:
+  """Pure data parallelism for a Workload whose loss runs inside shard_map.
+
+  The mesh's axes must all be batch axes. The per-device loss and its
+  gradients are computed on each device's share of the batch, with one
+  mean of the gradients over the data-parallel devices (for the detectors:
+  the SPMD partitioner would all-gather the activations of grouped
+  convolutions, and their per-device sampling is the reference's anyway).
+  Parameters `frozen_mask(params)` marks True are not differentiated.
+  Needs `self.config`, `self.name` and a `self.mesh = None` default.
+  """
+
+  def check_mesh(self, mesh) -> None:
+    """Pure data parallelism: every mesh axis must be a batch axis."""
+    other = [a for a in mesh.axis_names
+             if a not in mesh_lib.batch_axes(mesh) and mesh.shape[a] > 1]
+    if other:
+      from jaxperf.errors import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(
+          f'--mesh {mesh_lib.describe(mesh)}: {self.name} is data parallel '
+          f'only; axes {other} would split the model')
+    mesh_lib.check_batches_divide(self.config,
+                                  mesh_lib.data_parallel_size(mesh), mesh,
+                                  'the data-parallel')
+    self.mesh = mesh
+
+  def _dp_axes(self) -> tuple[str, ...]:
+    """The mesh axes the batch is split over; () on one device."""
+    if self.mesh is None or self.mesh.devices.size == 1:
+      return ()
+    return mesh_lib.batch_axes(self.mesh)
+
+  def _data_parallel(self, fn, in_specs, out_specs):
+    """fn under shard_map over the data-parallel axes (as is on one)."""
+    if not self._dp_axes():
+      return fn
+    # check_vma=False: gradients of the replicated parameters stay per
+    # device inside (the matmul kernel gradient's custom VJP yields them
+    # so), and the step reduces them itself, once.
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
+
+  def _local_key(self, key: jax.Array) -> jax.Array:
+    """Inside `_data_parallel`: a key of this device's own."""
+    axes = self._dp_axes()
+    if not axes:
+      return key
+    return jax.random.fold_in(key, jax.lax.axis_index(axes))
+
+  def _trainable_grads(self, loss_terms, state: TrainState,
+                       batch: Mapping[str, jax.Array], frozen: Any,
+                       *extra: Any) -> tuple[Any, dict[str, jax.Array]]:
+    """(gradients, loss terms) of `loss_terms(params, model_state, batch,
+    *extra)` (a dict with 'loss', the mean over the device's examples),
+    both averaged over the data-parallel devices. Frozen parameters enter
+    as constants and get zero gradients. `extra` is replicated."""
+    trainable = jax.tree.map(lambda p, f: None if f else p, state.params,
+                             frozen)
+    fixed = jax.tree.map(lambda p, f: p if f else None, state.params, frozen)
+    axes = self._dp_axes()
+
+    def local(trainable, fixed, model_state, batch, extra):
+      def loss_fn(tp):
+        params = jax.tree.map(lambda t, f: f if t is None else t, tp, fixed,
+                              is_leaf=lambda x: x is None)
+        out = loss_terms(params, model_state, batch, *extra)
+        return out['loss'], out
+      grads, out = jax.grad(loss_fn, has_aux=True)(trainable)
+      if axes:
+        # Every device holds the same number of examples, so the mean of
+        # the per-device means is the global batch's mean.
+        grads, out = jax.lax.pmean((grads, out), axes)
+      return grads, out
+
+    batch_spec = {k: P(axes or None) for k in batch}
+    grads, out = self._data_parallel(
+        local, in_specs=(P(), P(), P(), batch_spec, P()),
+        out_specs=(P(), P()))(trainable, fixed, state.model_state, batch,
+                              extra)
+    grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g,
+                         grads, state.params, is_leaf=lambda x: x is None)
+    return grads, out
+
+
+def batch_shape_key(batch: Mapping[str, Any], keys=None) -> tuple:
+  """What tells a batch's compiled program apart: each array's shape
+  without the leading (batch) axis, by key (of `keys`, default all). Takes
+  arrays or specs."""
+  keys = batch.keys() if keys is None else keys
+  return tuple(sorted((k, tuple(batch[k].shape[1:])) for k in keys))
 
 
 def rng_key(state: TrainState) -> jax.Array:

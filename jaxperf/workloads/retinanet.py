@@ -47,9 +47,8 @@ from jaxperf.config import Config
 from jaxperf.errors import ConfigError
 from jaxperf.models import layers
 from jaxperf.models import retinanet as retinanet_model
-from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import (ReplicatedEval, Schedule, TrainState,
-                                    Workload)
+from jaxperf.workloads.base import (ReplicatedEval, Schedule,
+                                    ShardMapDataParallel, TrainState, Workload)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -64,7 +63,7 @@ def warmup_factor_at(step, warmup_steps: int, warmup_factor: float):
   return jnp.where(a >= 1, 1.0, warmup_factor * (1 - a) + a)
 
 
-class RetinaNet(Workload):
+class RetinaNet(ShardMapDataParallel, Workload):
   name = 'retinanet'
   benchmark = 'ssd'
   metric = 'mAP'
@@ -159,19 +158,6 @@ class RetinaNet(Workload):
                   mask=jax.ShapeDtypeStruct((global_batch,), jnp.bool_))
     return spec
 
-  def check_mesh(self, mesh) -> None:
-    """Pure data parallelism: every mesh axis must be a batch axis."""
-    other = [a for a in mesh.axis_names
-             if a not in mesh_lib.batch_axes(mesh) and mesh.shape[a] > 1]
-    if other:
-      raise ConfigError(
-          f'--mesh {mesh_lib.describe(mesh)}: retinanet is data parallel '
-          f'only; axes {other} would split the model')
-    mesh_lib.check_batches_divide(self.config,
-                                  mesh_lib.data_parallel_size(mesh), mesh,
-                                  'the data-parallel')
-    self.mesh = mesh
-
   def setup(self, train_examples):
     c = self.config
     gbs = int(c.global_batch_size)
@@ -263,51 +249,9 @@ class RetinaNet(Workload):
         fg_iou_thresh=float(c.fg_iou_thresh),
         bg_iou_thresh=float(c.bg_iou_thresh))
 
-  def _dp_axes(self) -> tuple[str, ...]:
-    """The mesh axes the batch is split over; () on one device."""
-    if self.mesh is None or self.mesh.devices.size == 1:
-      return ()
-    return mesh_lib.batch_axes(self.mesh)
-
-  def _data_parallel(self, fn, in_specs, out_specs):
-    """fn under shard_map over the data-parallel axes (as is on one)."""
-    mesh = self.mesh
-    if not self._dp_axes():
-      return fn
-    # check_vma=False: gradients of the replicated parameters stay per
-    # device inside (the matmul kernel gradient's custom VJP yields them
-    # so), and the step reduces them itself, once.
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
-                         out_specs=out_specs, check_vma=False)
-
   def train_step(self, state, batch):
-    frozen = self.model.frozen_mask(state.params)
-    # Only the trainable parameters are differentiated: the frozen ones
-    # enter as constants, so no gradient is computed or reduced for them.
-    trainable = jax.tree.map(lambda p, f: None if f else p, state.params,
-                             frozen)
-    fixed = jax.tree.map(lambda p, f: p if f else None, state.params, frozen)
-    axes = self._dp_axes()
-
-    def local(trainable, fixed, model_state, batch):
-      def loss_fn(tp):
-        params = jax.tree.map(lambda t, f: f if t is None else t, tp, fixed,
-                              is_leaf=lambda x: x is None)
-        out = self.loss_terms(params, model_state, batch)
-        return out['loss'], out
-      grads, out = jax.grad(loss_fn, has_aux=True)(trainable)
-      if axes:
-        # Every device holds the same number of images, so the mean of
-        # the per-device means is the global batch's mean.
-        grads, out = jax.lax.pmean((grads, out), axes)
-      return grads, out
-
-    batch_spec = {k: P(axes or None) for k in batch}
-    grads, out = self._data_parallel(
-        local, in_specs=(P(), P(), P(), batch_spec),
-        out_specs=(P(), P()))(trainable, fixed, state.model_state, batch)
-    grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g,
-                         grads, state.params, is_leaf=lambda x: x is None)
+    grads, out = self._trainable_grads(
+        self.loss_terms, state, batch, self.model.frozen_mask(state.params))
     updates, opt_state = self._tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics_ = {'loss': out['loss'], 'classification': out['classification'],
