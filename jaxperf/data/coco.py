@@ -105,7 +105,8 @@ API:
   synthetic_coco(num_train, num_eval, ...) -> (train, eval): learnable
       images of coloured polygons with exact masks; write_synthetic_coco
       writes one in the on-disk layout, write_coco_split any split.
-  get_size, default_buckets, bucket_grid, assign_buckets, padding_cost,
+  get_size, default_buckets, bucket_grid, parse_buckets, assign_buckets,
+  padding_cost,
   has_valid_annotation, legacy_boxes, transform_image, mask_crop,
   polygon_mask_target, crop_mask_target.
 """
@@ -225,7 +226,7 @@ def bucket_grid(step: int, min_size: int = MIN_SIZE,
   return tuple(landscape + portrait)
 
 
-def _parse_buckets(buckets: Any, min_size: int, max_size: int,
+def parse_buckets(buckets: Any, min_size: int, max_size: int,
                    size_divisibility: int) -> tuple[tuple[int, int], ...]:
   """None: default_buckets; an int: bucket_grid(step); else (H, W) pairs."""
   if buckets is None:
@@ -274,7 +275,7 @@ def padding_cost(sizes: Any, buckets: Any = None, *,
   [N, 2], (height, width)) are resized and padded to `buckets` (None, a
   step or (H, W) pairs, as CocoDataset takes them)."""
   _check_sizes(min_size, max_size, size_divisibility)
-  buckets = _parse_buckets(buckets, min_size, max_size, size_divisibility)
+  buckets = parse_buckets(buckets, min_size, max_size, size_divisibility)
   sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
   resized = np.asarray([get_size(w, h, min_size, max_size)
                         for h, w in sizes.tolist()], np.int64).reshape(-1, 2)
@@ -533,7 +534,7 @@ class CocoDataset(PrefetchedStreams):
     _check_sizes(min_size, max_size, size_divisibility)
     self.min_size, self.max_size = int(min_size), int(max_size)
     self.size_divisibility = int(size_divisibility)
-    self.buckets = _parse_buckets(buckets, self.min_size, self.max_size,
+    self.buckets = parse_buckets(buckets, self.min_size, self.max_size,
                                   self.size_divisibility)
     self.sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
     n = len(self.sizes)
@@ -1145,7 +1146,7 @@ def open_coco(data_dir: str | os.PathLike, *, min_size: int = MIN_SIZE,
   _check_args(max_boxes=max_boxes, mask_resolution=mask_resolution,
               seed=seed, hflip_prob=hflip_prob, num_workers=num_workers,
               prefetch=prefetch)
-  _parse_buckets(buckets, min_size, max_size, size_divisibility)
+  parse_buckets(buckets, min_size, max_size, size_divisibility)
   kw = dict(min_size=min_size, max_size=max_size,
             size_divisibility=size_divisibility, buckets=buckets,
             max_boxes=max_boxes, mask_resolution=mask_resolution, seed=seed,

@@ -1,4 +1,5 @@
-"""COCO-style box mAP (RetinaNet; MLPerf target mAP 0.34 on OpenImages).
+"""COCO-style box and mask mAP (RetinaNet: box mAP 0.34 on OpenImages;
+Mask R-CNN: box 0.377 and mask 0.339 on COCO val2017).
 
 The evaluation is pycocotools' COCOeval with iouType 'bbox' and its default
 parameters, as in the MLPerf reference: mAP averaged over IoU thresholds
@@ -8,7 +9,9 @@ and category counted (maxDets 1, 10, 100), while the model hands over up to
 annotations with xywh boxes, categories) held in memory, and detections are
 the rows (image_id, x, y, w, h, score, category_id) that
 `detections_to_coco` builds from the padded per-image arrays of the
-post-processing, in the original images' pixels.
+post-processing, in the original images' pixels. Mask mAP (`coco_segm_map`)
+is COCOeval with iouType 'segm' on RLE results of masks pasted into the
+original images (`paste_masks`).
 """
 
 from __future__ import annotations
@@ -146,13 +149,46 @@ def coco_box_map(coco_gt: Mapping[str, Any] | COCO, detections: Any, *,
     result list, so an empty result set is evaluated instead), and -1.0
     stays -1.0.
   """
+  return _coco_eval(coco_gt, detections, 'bbox', image_ids, verbose)
+
+
+def coco_segm_map(coco_gt: Mapping[str, Any] | COCO,
+                  results: Sequence[Mapping[str, Any]], *,
+                  image_ids: Sequence[int] | None = None,
+                  verbose: bool = False) -> dict[str, float]:
+  """COCO mask AP and AR of instance masks, as pycocotools' COCOeval
+  computes them with iouType='segm'.
+
+  Args:
+    coco_gt: the ground truth, as for `coco_box_map`, with each
+      annotation's 'segmentation' (polygons or RLE).
+    results: COCO result dicts ('image_id', 'category_id', 'segmentation'
+      as RLE with str or bytes 'counts', 'score'), e.g. from
+      jaxperf.data.coco.CocoDataset.to_coco_segm_results.
+    image_ids: the images evaluated; all of `coco_gt`'s images when None.
+    verbose: print pycocotools' progress and summary.
+
+  Returns:
+    The 12 COCOeval.stats keyed by `STAT_NAMES`, as `coco_box_map`.
+  """
+  if not (isinstance(results, (list, tuple)) and
+          all(isinstance(a, Mapping) and 'segmentation' in a
+              for a in results)):
+    raise ValueError('results must be a list of COCO result dicts with a '
+                     "'segmentation' each")
+  return _coco_eval(coco_gt, results, 'segm', image_ids, verbose)
+
+
+def _coco_eval(coco_gt, detections, iou_type: str,
+               image_ids: Sequence[int] | None, verbose: bool
+               ) -> dict[str, float]:
   out = io.StringIO()
   with contextlib.ExitStack() as stack:
     if not verbose:
       stack.enter_context(contextlib.redirect_stdout(out))
     gt = _ground_truth(coco_gt)
     res = _results(gt, detections)
-    evaluator = COCOeval(gt, res, iouType='bbox')
+    evaluator = COCOeval(gt, res, iouType=iou_type)
     if image_ids is not None:
       evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     evaluator.evaluate()
