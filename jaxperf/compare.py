@@ -102,6 +102,40 @@ JAX model's float32 head outputs being the limit (logits 5e-8; P6/P7's tiny
 gradients 1e-5). One Adam step took 2.6 s in JAX (compile 12 s) and 5.8 s in
 PyTorch (2 threads, channels-last), on a 2-core CPU another job was sharing.
 
+--model maskrcnn compares models/maskrcnn.py (built in torchvision's layout:
+stride on the 3x3 convolution, frozen batch norms with epsilon 1e-5) with
+torchvision's Mask R-CNN as built on a pretrained backbone (torch_maskrcnn:
+ResNet-50 with frozen batch norms, FPN on C2..C5 with P6, conv1 and layer1
+frozen, the default RPN head, anchor generator, RoI poolers and box and mask
+heads), its frozen batch norms given random statistics, on `--batch` random
+normalised images of `--image-size` (a side or H,W, multiples of 32, as
+both references pad their batches; default 800,1344) with 16 random
+proposals each, spread over P2..P5 (see maskrcnn_proposals), over
+`--num-classes` classes (default 91, torchvision's). The network parts run directly on both sides
+(no resizing transform, proposal selection, sampling or losses; see
+MaskRCNNPair). Compared: the FPN levels P2..P6, the RPN's objectness and
+box deltas, the anchors (layers.rpn_anchors(..., style='torchvision')
+against AnchorGenerator's), the proposals' 7x7 and 14x14 features
+(layers.multilevel_roi_align against MultiScaleRoIAlign), the box head's
+class logits and box regression and the mask logits, and the gradients of
+the trainable parameters of a scalar function of all of them (sum of
+mean(w * output), w fixed random weights); the timed step is SGD with
+momentum 0.9 (lr 0.02) on that function. Batch 2, 128x128 (proposals on
+P2 and P3), 8 classes, float32, seeds 0-2: every output agrees to ~2e-6
+(max_rel), the anchors exactly; the gradients of the output layers to ~3e-6
+(norm_rel), the others to 4e-4 to 8e-4 (median) and 2e-3 to 7e-3 (worst
+tensor). That is float32 rounding tipping ReLU decisions, which matters at
+every output position here, the function weighing them all alike:
+PyTorch's own float32 gradients are as far from its float64 ones (seed 0:
+median 5e-4, worst 1e-2; JAX's 7e-4 and 9e-3). At the defaults (800x1344,
+91 classes, 8 proposals on each of the four levels) the outputs agree to
+~4e-6 and the gradients to 1.3e-3 (median) and 4e-3 (worst). With --precision f64 the
+gradients agree to ~5e-8 and the outputs to ~5e-8, the JAX model's float32
+head outputs being the limit (~5e-15 for the features and pooled
+features). One step at batch 2, 256x256, 91 classes took 2.2 s in JAX
+(compile 9 s) and 9.7 s in PyTorch (2 threads, channels-last), on a 2-core
+CPU other jobs were sharing: rough times.
+
 Errors: max_abs = max |jax - torch|; max_rel = max_abs / max |torch|;
 norm_rel = ||jax - torch|| / ||torch||.
 
@@ -1360,6 +1394,379 @@ class RetinaNetPair:
             'speed_ratio_jax_over_torch': tt / jt}
 
 
+# ---------------------------------------------------------------- maskrcnn
+
+# torchvision's class count (COCO's 91 ids); the MLPerf reference has 81.
+MASKRCNN_NUM_CLASSES = 91
+# The reference's largest padded batch: MIN_SIZE_TRAIN 800 and
+# MAX_SIZE_TRAIN 1333, padded to a multiple of SIZE_DIVISIBILITY 32.
+MASKRCNN_IMAGE_SIZE = (800, 1344)
+MASKRCNN_SIZE_DIVISIBILITY = 32
+# Proposals per image given to the box and mask heads.
+MASKRCNN_ROIS_PER_IMAGE = 16
+# The FPN levels the heads pool from (P2..P5) and RoIAlign's settings, those
+# of torchvision's MultiScaleRoIAlign and the reference's Pooler.
+MASKRCNN_ROI_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+MASKRCNN_SAMPLING_RATIO = 2
+# SGD with momentum in the timed step: the reference's base learning rate
+# (for 16 images) and momentum.
+MASKRCNN_LR = 0.02
+MASKRCNN_MOMENTUM = 0.9
+
+
+def maskrcnn_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+  """(H, W) from a side or two sides; UserError unless each is a positive
+  multiple of 32.
+
+  Both references pad every batch to a multiple of 32 (SIZE_DIVISIBILITY,
+  GeneralizedRCNNTransform's size_divisible), and torchvision's
+  MultiScaleRoIAlign infers each level's scale from the ratio of its size to
+  the image's, which other sizes can round to the wrong power of 2.
+  """
+  sides = ((image_size,) * 2 if isinstance(image_size, (int, np.integer))
+           else tuple(image_size))
+  if (len(sides) != 2 or any(int(v) < MASKRCNN_SIZE_DIVISIBILITY
+                             or int(v) % MASKRCNN_SIZE_DIVISIBILITY
+                             for v in sides)):
+    raise UserError(f'--image-size {image_size}: Mask R-CNN needs a side or '
+                    f'H,W, each a positive multiple of '
+                    f'{MASKRCNN_SIZE_DIVISIBILITY}')
+  return tuple(int(v) for v in sides)
+
+
+def maskrcnn_proposals(*, batch: int, image_size: Sequence[int],
+                       rois_per_image: int = MASKRCNN_ROIS_PER_IMAGE,
+                       seed: int = 0) -> np.ndarray:
+  """Random proposals [batch, rois_per_image, 4] (x1, y1, x2, y2), float32.
+
+  Inside the image, as the RPN's clipped proposals are, and spread over the
+  FPN levels that such boxes reach. MultiScaleRoIAlign pools a box of scale
+  s = sqrt(area) from P2 below 112 pixels, P3 below 224, P4 below 448 and
+  P5 above; box i of an image is meant for the (i mod L)-th of the L levels
+  reachable with s <= sqrt(H * W), its scale log-uniform in that level's
+  range (from 2 pixels, below one P2 pixel, which RoIAlign stretches to
+  one), its aspect ratio h / w log-uniform in [1/2, 2] as far as the box
+  still fits in the image (the image's own otherwise), its position uniform.
+  At 128x128, half the boxes are P2's and half P3's.
+  """
+  rng = np.random.default_rng(seed)
+  height, width = image_size
+  top = float(np.sqrt(height * width))
+  bounds = (2.0, 112.0, 224.0, 448.0, np.inf)
+  ranges = [(lo, min(hi, top)) for lo, hi in zip(bounds[:-1], bounds[1:])
+            if lo < top]
+  boxes = np.zeros((batch, rois_per_image, 4))
+  for b in range(batch):
+    for i in range(rois_per_image):
+      lo, hi = ranges[i % len(ranges)]
+      scale = np.exp(rng.uniform(np.log(lo), np.log(hi)))
+      # w = scale / sqrt(r) <= width and h = scale * sqrt(r) <= height.
+      r_lo = max(0.5, (scale / width)**2)
+      r_hi = min(2.0, (height / scale)**2)
+      ratio = (np.exp(rng.uniform(np.log(r_lo), np.log(r_hi)))
+               if r_lo <= r_hi else height / width)
+      w = min(scale / np.sqrt(ratio), width)
+      h = min(scale * np.sqrt(ratio), height)
+      x1 = rng.uniform(0, width - w)
+      y1 = rng.uniform(0, height - h)
+      boxes[b, i] = (x1, y1, x1 + w, y1 + h)
+  return boxes.astype(np.float32)
+
+
+def torch_maskrcnn(num_classes: int = MASKRCNN_NUM_CLASSES):
+  """torchvision's maskrcnn_resnet50_fpn as built on a pretrained backbone.
+
+  resnet50 with FrozenBatchNorm2d, _resnet_fpn_extractor with three
+  trainable layers (conv1 and layer1 frozen), C2..C5 and LastLevelMaxPool
+  (P6), and MaskRCNN's default RPN, box and mask heads and
+  MultiScaleRoIAlign poolers. maskrcnn_resnet50_fpn(weights=None,
+  weights_backbone=None) itself would build trainable BatchNorm2d layers and
+  train all five stages. Randomly initialised from torch's global generator.
+  """
+  _, torchvision = _torch()
+  from torchvision.models.detection import backbone_utils  # pylint: disable=g-import-not-at-top
+  from torchvision.ops import misc  # pylint: disable=g-import-not-at-top
+  body = torchvision.models.resnet50(norm_layer=misc.FrozenBatchNorm2d)
+  backbone = backbone_utils._resnet_fpn_extractor(  # pylint: disable=protected-access
+      body, trainable_layers=3)
+  return torchvision.models.detection.MaskRCNN(backbone, num_classes)
+
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.moveaxis(a, -1, 1))
+
+
+class MaskRCNNPair:
+  """torchvision's Mask R-CNN (ResNet-50 FPN) and models/maskrcnn.py.
+
+  The PyTorch model is torch_maskrcnn(num_classes), randomly initialised
+  from `seed`, its frozen batch norms given random statistics and affine
+  parameters (weight and variance uniform in [0.5, 1.5], bias and mean
+  normal with deviation 0.1) so that they matter; interop.from_torch copies
+  everything into models/maskrcnn.MaskRCNN built in torchvision's layout
+  (stride_in_1x1=False, bn_epsilon=1e-5), the frozen batch norms into
+  'batch_stats'. Both see the same random images (retinanet_batch's:
+  normalised, at the model's size; torchvision's GeneralizedRCNNTransform is
+  bypassed) and the same random proposals (maskrcnn_proposals), which stand
+  in for the RPN's: proposal selection (NMS, top-k), sampling and the losses
+  are left out, torchvision's being random (randperm) and not comparable
+  sample by sample.
+
+  Compared, each network part called directly on both sides: the FPN levels
+  P2..P6 (model.backbone; MaskRCNN.features), the RPN head's objectness and
+  box deltas in torchvision's concat_box_prediction_layers order, the RPN
+  anchors (model.rpn.anchor_generator against layers.rpn_anchors(...,
+  style='torchvision')), the proposals' features pooled at 7x7 and 14x14
+  (model.roi_heads.box_roi_pool / mask_roi_pool, MultiScaleRoIAlign,
+  against layers.multilevel_roi_align with sampling_ratio=2, aligned=False,
+  legacy_plus_one=False), the box head's class logits and box regression,
+  the mask head's logits, and the gradient with respect to every trainable
+  parameter (conv1 and layer1 frozen) of a scalar function of all these
+  outputs: the sum over outputs of mean(w * output), w fixed standard
+  normal weights (the 'objective'). Its gradient reaches the backbone
+  through the features directly, through the RPN head and back through
+  RoIAlign. Frozen batch norms and no dropout: training and evaluation
+  compute the same function, compared once. The timed step is SGD with
+  momentum on the same objective and parameters.
+  """
+
+  name = 'maskrcnn'
+
+  def __init__(self, *, batch: int,
+               image_size: int | Sequence[int] = MASKRCNN_IMAGE_SIZE,
+               num_classes: int = MASKRCNN_NUM_CLASSES, seed: int = 0,
+               channels_last: bool = True, precision: str = 'f32',
+               wgrad: str = 'auto',
+               rois_per_image: int = MASKRCNN_ROIS_PER_IMAGE):
+    torch, _ = _torch()
+    from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
+    from torchvision.models.detection.rpn import concat_box_prediction_layers  # pylint: disable=g-import-not-at-top
+    from jaxperf.models import layers, maskrcnn  # pylint: disable=g-import-not-at-top
+    from jaxperf.workloads.resnet import conv_wgrad  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.image_list = ImageList
+    self.concat_box_prediction_layers = concat_box_prediction_layers
+    self.layers = layers
+    self.pool_sizes = (maskrcnn.BOX_POOL_SIZE, maskrcnn.MASK_POOL_SIZE)
+    self.size = maskrcnn_image_size(image_size)
+    if batch < 1 or num_classes < 1 or rois_per_image < 1:
+      raise UserError('--batch, --num-classes and rois_per_image must be '
+                      '>= 1')
+    f64 = precision == 'f64'
+    if f64 and not jax.config.jax_enable_x64:
+      raise UserError('f64 comparison needs jax_enable_x64 (set by '
+                      '`python -m jaxperf.compare --precision f64`)')
+    dtype = np.float64 if f64 else np.float32
+    torch.manual_seed(seed)
+    self.tmodel = torch_maskrcnn(num_classes)
+    with torch.no_grad():
+      for name, buf in self.tmodel.named_buffers():
+        if name.endswith(('.weight', '.running_var')):
+          buf.uniform_(0.5, 1.5)
+        elif name.endswith(('.bias', '.running_mean')):
+          buf.normal_(0.0, 0.1)
+    if f64:
+      self.tmodel = self.tmodel.double()
+    self.wgrad = conv_wgrad(wgrad)
+    self.jmodel = maskrcnn.MaskRCNN(
+        num_classes=num_classes, stride_in_1x1=False,
+        bn_epsilon=maskrcnn.TORCHVISION_BN_EPSILON, frozen_stages=2,
+        dtype=dtype, wgrad=self.wgrad)
+    expected = jax.eval_shape(lambda: self.jmodel.init(
+        jax.random.key(0), jnp.zeros((1, *self.size, 3), dtype)))
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype),
+        interop.from_torch(self.name, self.tmodel.state_dict(),
+                           expected=expected))
+    self.frozen = self.jmodel.frozen_mask(variables['params'])
+    self.trainable, self.fixed = _split_frozen(variables['params'],
+                                               self.frozen)
+    self.batch_stats = variables['batch_stats']
+    self.anchors = np.asarray(layers.rpn_anchors(self.size,
+                                                 style='torchvision'), dtype)
+
+    images = retinanet_batch(batch=batch, image_size=self.size,
+                             num_classes=1, seed=seed)['image']
+    self.images = images.astype(dtype)
+    proposals = maskrcnn_proposals(batch=batch, image_size=self.size,
+                                   rois_per_image=rois_per_image, seed=seed)
+    self.boxes = proposals.reshape(-1, 4).astype(dtype)
+    self.box_batch = np.repeat(np.arange(batch, dtype=np.int32),
+                               rois_per_image)
+    self.timages = torch.from_numpy(_nchw(self.images))
+    self.tproposals = [torch.from_numpy(p.astype(dtype)) for p in proposals]
+    # The objective's weights, in the JAX layout (NHWC), and in torch's.
+    shapes = jax.eval_shape(self.jax_outputs, self.trainable, self.fixed,
+                            self.batch_stats, self.images, self.boxes,
+                            self.box_batch)
+    rng = np.random.default_rng(seed + 1)
+    self.weights = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(dtype), shapes)
+    self.tweights = self._torch_layout(jax.tree.map(torch.from_numpy,
+                                                    self.weights))
+    self.channels_last = channels_last
+    self.num_classes = num_classes
+    trainable = [p for p in self.tmodel.parameters() if p.requires_grad]
+    self.settings = {
+        'image_hw': list(self.size), 'rois_per_image': rois_per_image,
+        'num_rois': int(self.boxes.shape[0]),
+        'rois_per_level': np.bincount(
+            np.asarray(layers.roi_level(self.boxes, 2, 5)),
+            minlength=4).tolist(),
+        'num_anchors': int(self.anchors.shape[0]),
+        'num_params': int(sum(p.numel() for p in self.tmodel.parameters())),
+        'trainable_params': int(sum(p.numel() for p in trainable)),
+        'trainable_tensors': len(trainable),
+    }
+
+  # --- the JAX side ---
+  def _inputs(self):
+    return (jnp.asarray(self.images), jnp.asarray(self.boxes),
+            jnp.asarray(self.box_batch), self.weights)
+
+  def jax_outputs(self, trainable, fixed, batch_stats, images, boxes,
+                  box_batch):
+    """The outputs compared, NHWC: 'features' (P2..P6), 'objectness',
+    'rpn_deltas', 'box_pooled', 'class_logits', 'box_regression',
+    'mask_pooled' and 'mask_logits'."""
+    layers = self.layers
+
+    def forward(model, images):
+      features = model.features(images)
+      objectness, rpn_deltas = model.rpn(features)
+      pool = lambda size: layers.multilevel_roi_align(
+          features[:len(MASKRCNN_ROI_SCALES)], boxes, size,
+          MASKRCNN_ROI_SCALES, MASKRCNN_SAMPLING_RATIO, aligned=False,
+          legacy_plus_one=False, batch_indices=box_batch)
+      box_pooled, mask_pooled = (pool(size) for size in self.pool_sizes)
+      class_logits, box_regression = model.box_head(box_pooled)
+      return {'features': features, 'objectness': objectness,
+              'rpn_deltas': rpn_deltas, 'box_pooled': box_pooled,
+              'class_logits': class_logits, 'box_regression': box_regression,
+              'mask_pooled': mask_pooled,
+              'mask_logits': model.mask_head(mask_pooled)}
+    params = _merge_frozen(trainable, fixed)
+    return self.jmodel.apply({'params': params, 'batch_stats': batch_stats},
+                             images, method=forward)
+
+  def jax_objective(self, trainable, fixed, batch_stats, images, boxes,
+                    box_batch, weights):
+    out = self.jax_outputs(trainable, fixed, batch_stats, images, boxes,
+                           box_batch)
+    terms = jax.tree.map(lambda o, w: jnp.mean(o * w), out, weights)
+    return sum(jax.tree.leaves(terms)), out
+
+  # --- the PyTorch side ---
+  def _torch_layout(self, out: dict[str, Any]) -> dict[str, Any]:
+    """NHWC image-like outputs as NCHW (torch tensors or numpy arrays)."""
+    move = lambda a: (a.permute(0, 3, 1, 2) if hasattr(a, 'permute')
+                      else _nchw(a))
+    return {k: ([move(a) for a in v] if k == 'features'
+                else move(v) if k in ('box_pooled', 'mask_pooled',
+                                      'mask_logits')
+                else v) for k, v in out.items()}
+
+  def torch_outputs(self, model, images):
+    """jax_outputs' dict from torchvision's model, NCHW."""
+    features = model.backbone(images)
+    levels = list(features.values())
+    logits, deltas = model.rpn.head(levels)
+    objectness, rpn_deltas = self.concat_box_prediction_layers(logits, deltas)
+    b = images.shape[0]
+    heads = model.roi_heads
+    shapes = [self.size] * b
+    box_pooled = heads.box_roi_pool(features, self.tproposals, shapes)
+    class_logits, box_regression = heads.box_predictor(
+        heads.box_head(box_pooled))
+    mask_pooled = heads.mask_roi_pool(features, self.tproposals, shapes)
+    return {'features': levels, 'objectness': objectness.reshape(b, -1),
+            'rpn_deltas': rpn_deltas.reshape(b, -1, 4),
+            'box_pooled': box_pooled, 'class_logits': class_logits,
+            'box_regression': box_regression, 'mask_pooled': mask_pooled,
+            'mask_logits': heads.mask_predictor(heads.mask_head(mask_pooled))}
+
+  def torch_objective(self, model, images):
+    out = self.torch_outputs(model, images)
+    flat = lambda t: [*t['features'], *(t[k] for k in sorted(t)
+                                        if k != 'features')]
+    total = sum((o * w).mean() for o, w in zip(flat(out),
+                                                flat(self.tweights)))
+    return total, out
+
+  def parity(self) -> dict[str, Any]:
+    (j_obj, j_out), j_grads = jax.jit(jax.value_and_grad(
+        self.jax_objective, has_aux=True))(self.trainable, self.fixed,
+                                           self.batch_stats, *self._inputs())
+    tm = copy.deepcopy(self.tmodel).train()
+    t_obj, t_out = self.torch_objective(tm, self.timages)
+    t_obj.backward()
+    grads_sd = dict(tm.state_dict())      # frozen tensors: any value will do
+    grads_sd.update({k: v.grad for k, v in tm.named_parameters()
+                     if v.requires_grad})
+    t_grads = _split_frozen(
+        interop.from_torch(self.name, grads_sd)['params'], self.frozen)[0]
+    with self.torch.no_grad():
+      t_anchors = tm.rpn.anchor_generator(
+          self.image_list(self.timages, [self.size] * len(self.images)),
+          t_out['features'])
+    j_out = self._torch_layout(jax.tree.map(np.asarray, j_out))
+    t_out = jax.tree.map(lambda t: t.detach().numpy(), t_out)
+    out = {}
+    for i, (j, t) in enumerate(zip(j_out['features'], t_out['features'])):
+      out[f'features_P{i + 2}'] = errors(j, t)
+    for key in ('objectness', 'rpn_deltas'):
+      out[key] = errors(j_out[key], t_out[key])
+    out['anchors'] = errors(self.anchors, t_anchors[0].numpy())
+    for key in ('box_pooled', 'class_logits', 'box_regression',
+                'mask_pooled', 'mask_logits'):
+      out[key] = errors(j_out[key], t_out[key])
+    t_obj = t_obj.detach().numpy()
+    out['objective'] = {'jax': float(j_obj), 'torch': float(t_obj),
+                        **errors(np.asarray(j_obj), t_obj)}
+    out['grads'] = _grad_errors(j_grads, t_grads)
+    out['outputs_note'] = (
+        'frozen batch norms and no dropout: training and evaluation compute '
+        'the same function; the heads on the same random proposals; '
+        'gradients of sum(mean(w * output)) w.r.t. the trainable parameters')
+    return out
+
+  def timing(self, warmup: int, repeats: int, lr: float = MASKRCNN_LR
+             ) -> dict[str, Any]:
+    torch = self.torch
+    tx = optax.sgd(lr, momentum=MASKRCNN_MOMENTUM)
+
+    def step(state, fixed, batch_stats, *inputs):
+      trainable, opt_state = state
+      (loss, _), grads = jax.value_and_grad(self.jax_objective, has_aux=True)(
+          trainable, fixed, batch_stats, *inputs)
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return (optax.apply_updates(trainable, updates), opt_state), loss
+
+    state = (self.trainable, tx.init(self.trainable))
+    compile_s, j_times = _time_jax_step(
+        step, state, self.fixed, self.batch_stats, *self._inputs(),
+        warmup=warmup, repeats=repeats)
+    del state
+
+    tm = copy.deepcopy(self.tmodel).train()
+    x = self.timages
+    if self.channels_last:
+      tm = tm.to(memory_format=torch.channels_last)
+      x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad],
+                          lr=lr, momentum=MASKRCNN_MOMENTUM)
+    t_times = _time_torch_step(lambda: self.torch_objective(tm, x)[0], opt,
+                               warmup, repeats)
+    jt, tt = statistics.median(j_times), statistics.median(t_times)
+    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                    'step_times_s': j_times},
+            'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                      'channels_last': self.channels_last,
+                      'threads': torch.get_num_threads()},
+            'lr': lr, 'momentum': MASKRCNN_MOMENTUM,
+            'speed_ratio_jax_over_torch': tt / jt}
+
+
 def _split_frozen(params: Any, frozen: Any) -> tuple[Any, Any]:
   """(trainable, fixed): `params` with None in place of the frozen
   parameters, and with None in place of the others."""
@@ -1375,10 +1782,12 @@ def _merge_frozen(trainable: Any, fixed: Any) -> Any:
 
 
 PAIRS = {'resnet50': ResNet50Pair, 'unet3d': Unet3DPair, 'bert': BertPair,
-         'dlrm': DLRMPair, 'retinanet': RetinaNetPair}
+         'dlrm': DLRMPair, 'retinanet': RetinaNetPair,
+         'maskrcnn': MaskRCNNPair}
 # Command-line defaults per image model: batch, image size, classes.
 _DEFAULTS = {'resnet50': (16, 128, 1000), 'unet3d': (1, 64, 3),
-             'retinanet': (2, RETINANET_IMAGE_SIZE, RETINANET_NUM_CLASSES)}
+             'retinanet': (2, RETINANET_IMAGE_SIZE, RETINANET_NUM_CLASSES),
+             'maskrcnn': (2, MASKRCNN_IMAGE_SIZE, MASKRCNN_NUM_CLASSES)}
 # bert's: batch, sequence length.
 _BERT_DEFAULTS = (2, 128)
 # The options of BertPair that the command line sets.
@@ -1400,7 +1809,8 @@ def compare(model: str, *, batch: int,
   (seq_len, num_layers, hidden_size, num_heads, intermediate_size,
   vocab_size, max_predictions). Nor does dlrm; its options are DLRMPair's
   (tables, embed_dim). retinanet's `image_size` is a side or (H, W); its
-  option is max_boxes (see RetinaNetPair).
+  option is max_boxes (see RetinaNetPair). So is maskrcnn's, each side a
+  multiple of 32; its option is rois_per_image (see MaskRCNNPair).
   """
   if model not in PAIRS:
     raise UserError(f'--model {model!r}: no PyTorch reference to compare with; '
@@ -1455,6 +1865,15 @@ def _summary(r: dict[str, Any]) -> str:
              f'({r["num_params"]:,} parameters, {r["trainable_params"]:,} '
              f'trainable), {r["precision"]}, JAX kernel gradients '
              f'{r["jax_conv_wgrad"]}, {r["machine"]["devices"]}']
+  elif r['model'] == 'maskrcnn':
+    lines = [f'{r["model"]}: batch {r["batch"]} at '
+             f'{"x".join(map(str, r["image_hw"]))}px, {r["num_classes"]} '
+             f'classes, {r["num_anchors"]:,} anchors, {r["num_rois"]} '
+             f'proposals (P2-P5: '
+             f'{"/".join(map(str, r["rois_per_level"]))}), ResNet-50 FPN ({r["num_params"]:,} parameters, '
+             f'{r["trainable_params"]:,} trainable), {r["precision"]}, JAX '
+             f'kernel gradients {r["jax_conv_wgrad"]}, '
+             f'{r["machine"]["devices"]}']
   elif 'volume' in r:
     lines = [f'{r["model"]}: batch {r["batch"]} of '
              f'{"x".join(map(str, r["volume"]))} voxels, filters '
@@ -1469,8 +1888,12 @@ def _summary(r: dict[str, Any]) -> str:
   keys = [k for k in ('outputs_eval', 'outputs_train', 'outputs',
                       'probabilities', 'logits', 'mlm_logits',
                       'mlm_logits_padded_row', 'nsp_logits', 'cls_logits',
-                      'bbox_regression', 'anchors', 'loss_classification',
-                      'loss_bbox_regression', 'loss')
+                      'bbox_regression', 'features_P2', 'features_P3',
+                      'features_P4', 'features_P5', 'features_P6',
+                      'objectness', 'rpn_deltas', 'anchors', 'box_pooled',
+                      'class_logits', 'box_regression', 'mask_pooled',
+                      'mask_logits', 'loss_classification',
+                      'loss_bbox_regression', 'loss', 'objective')
           if k in r]
   width = max([14] + [len(k) for k in keys])
   for key in keys:
@@ -1515,7 +1938,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--model', required=True, help=', '.join(PAIRS))
   p.add_argument('--batch', type=int, default=None,
                  help='default: 16 for resnet50, 1 for unet3d, 2 for '
-                      'retinanet, '
+                      'retinanet and maskrcnn, '
                       f'{_BERT_DEFAULTS[0]} for bert (full BERT-large at '
                       f'--seq-len {_BERT_DEFAULTS[1]}: a few seconds a step on '
                       f'a small CPU), {DLRM_BATCH} for dlrm (the '
@@ -1525,11 +1948,16 @@ def main(argv: list[str] | None = None) -> int:
                       'cube side or D,H,W, multiples of 32 (default 64, the '
                       'smallest cube; the reference trains on 128); for '
                       f'retinanet a side or H,W, at least 32 (default '
-                      f'{RETINANET_IMAGE_SIZE}, the reference\'s)')
+                      f'{RETINANET_IMAGE_SIZE}, the reference\'s); for '
+                      f'maskrcnn a side or H,W, multiples of 32 (default '
+                      f'{",".join(map(str, MASKRCNN_IMAGE_SIZE))}, the '
+                      f'reference\'s largest padded batch)')
   p.add_argument('--num-classes', type=int, default=None,
                  help='default: 1000 for resnet50, 3 for unet3d, '
                       f'{RETINANET_NUM_CLASSES} for retinanet (the '
-                      f'reference\'s OpenImages classes)')
+                      f'reference\'s OpenImages classes), '
+                      f'{MASKRCNN_NUM_CLASSES} for maskrcnn (torchvision\'s '
+                      f'COCO ids; the reference has 81)')
   p.add_argument('--filters', default=None,
                  help='unet3d: five comma-separated widths (default '
                       f'{",".join(map(str, UNET3D_FILTERS))}, the '
@@ -1627,13 +2055,15 @@ def main(argv: list[str] | None = None) -> int:
         image_size = _ints('--image-size', args.image_size)
         if len(image_size) == 1:
           image_size = image_size[0]
-        elif args.model != 'retinanet':
+        elif args.model not in ('retinanet', 'maskrcnn'):
           raise UserError(f'--image-size {args.image_size}: one side for '
                           f'{args.model}')
-      if args.model == 'retinanet':     # sizes: see retinanet_image_size
+      if args.model in ('retinanet', 'maskrcnn'):
         if batch < 1:
           raise UserError('--batch must be >= 1')
-        retinanet_image_size(image_size)
+        # Sizes: see retinanet_image_size and maskrcnn_image_size.
+        (retinanet_image_size if args.model == 'retinanet'
+         else maskrcnn_image_size)(image_size)
       elif batch < 1 or image_size < 32:
         raise UserError('--batch must be >= 1 and --image-size >= 32')
     result = compare(args.model, batch=batch, image_size=image_size,
