@@ -115,6 +115,10 @@ def resolve_config(args: argparse.Namespace, platform_name: str,
     elif 'input_shape' in base:             # volumes: a cube of that side
       overrides['input_shape'] = [args.image_size] * 3
       overrides['val_input_shape'] = [args.image_size] * 3
+    elif 'min_size' in base:                # resized and bucketed images
+      side = -(-args.image_size // 32) * 32
+      overrides.update(min_size=args.image_size, max_size=args.image_size,
+                       buckets=[[side, side]])
     else:
       raise UserError(f'--image-size: {cls.name} has no image size to set')
   cfg = config_lib.load_config(cls.name, args.config, overrides,

@@ -373,8 +373,10 @@ class Trainer:
                 if sched.unit == 'epochs' else
                 f'{total_steps} steps ({train_epochs} {sched.unit}); evals '
                 f'after {_short_list(eval_epochs)} {sched.unit}; ')
-             + f'target {w.metric} {"≥" if w.higher_is_better else "≤"} '
-             f'{w.target}; compiled in {compile_s:.1f}s')
+             + f'target {w.describe_target()}; '
+             + (f'{len(train_fns)} train batch shapes ' if len(train_fns) > 1
+                else '')
+             + f'compiled in {compile_s:.1f}s')
     if opts.compile_only:
       self.say(f'compile only: train step ({k} steps per call'
                + (f'; {len(train_fns)} batch shapes' if len(train_fns) > 1

@@ -195,6 +195,23 @@ def test_retinanet_at_a_given_side_on_8_devices(tmp_path):
   assert 0 < r['final_loss'] < 10
 
 
+def test_maskrcnn_at_a_given_side_on_8_devices(tmp_path):
+  """--image-size S gives Mask R-CNN one S x S bucket; the batch of boxes
+  and masks is valid and the step runs data parallel on 8 devices."""
+  out = tmp_path / 'maskrcnn.json'
+  proc = _bench('--model', 'maskrcnn', '--config', 'smoke', '--image-size',
+                '64', '--batch', '8', '--steps', '1', '--warmup', '0',
+                '--peak-tflops', '0.02', '--json', str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  with open(out) as f:
+    r = json.load(f)
+  assert r['model'] == 'maskrcnn' and r['config']['buckets'] == [[64, 64]]
+  assert r['mesh'] == 'data=8' and r['step_time_s'] > 0
+  # Untrained, on random images: large but finite (the mask logits start
+  # far from 0 without a pretrained backbone).
+  assert 0 < r['final_loss'] < float('inf')
+
+
 def test_step_stats():
   s = bench.step_stats([4.0, 1.0, 3.0, 2.0, 5.0])
   assert (s['median'], s['mean'], s['min'], s['max']) == (3.0, 3.0, 1.0, 5.0)

@@ -13,6 +13,7 @@ _REGISTRY = {
     'bert': 'jaxperf.workloads.bert:Bert',
     'dlrm': 'jaxperf.workloads.dlrm:DLRM',
     'retinanet': 'jaxperf.workloads.retinanet:RetinaNet',
+    'maskrcnn': 'jaxperf.workloads.maskrcnn:MaskRCNN',
 }
 ALIASES = {'resnet': 'resnet50', 'ssd': 'retinanet'}
 

@@ -112,6 +112,10 @@ class Workload(abc.ABC):
     results: the metric, or what the benchmark's checker rules want."""
     return result[self.metric]
 
+  def describe_target(self) -> str:
+    """The quality target, for the console."""
+    return f'{self.metric} {"≥" if self.higher_is_better else "≤"} {self.target}'
+
   def describe_result(self, result: Mapping[str, Any]) -> str:
     """An evaluation's outcome against the target, for the console."""
     return (f'{self.metric} = {result[self.metric]:.4f} '
