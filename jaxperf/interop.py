@@ -728,10 +728,21 @@ def retinanet_backbone_from_torch(state_dict: Mapping[str, Any],
   # (The class and anchor counts only shape the heads, not used here.)
   tensors = [t for t in retinanet_tensors(num_classes=1, num_anchors=1)
              if t.flax_path[1] == 'backbone']
+  given = {k: v for k, v in state_dict.items()
+           if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith('fc.')}
+  return _backbone_from_torch(given, tensors, expected, source, 'retinanet',
+                              'a torchvision resnext50_32x4d state_dict')
+
+
+def _backbone_from_torch(state_dict: Mapping[str, Any], tensors: list[_Tensor],
+                         expected: Mapping | None, source: str,
+                         model_name: str, what: str) -> dict[str, Any]:
+  """The backbone `tensors` (torch names under backbone.body.) from a
+  classifier's state_dict without that prefix, checked name by name and
+  shape by shape; {'params': {'backbone'}, 'batch_stats': {'backbone'}}."""
   prefix = 'backbone.body.'
   names = {t.torch_name[len(prefix):]: t for t in tensors}
-  given = {k for k in state_dict
-           if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith('fc.')}
+  given = set(state_dict)
   missing = sorted(set(names) - given)
   unexpected = sorted(given - set(names))
   if missing or unexpected:
@@ -744,8 +755,7 @@ def retinanet_backbone_from_torch(state_dict: Mapping[str, Any],
       parts.append(f'unexpected {len(unexpected)} tensor(s): '
                    f'{", ".join(unexpected[:6])}'
                    + (' ...' if len(unexpected) > 6 else ''))
-    raise InteropError(f'{source}: not a torchvision resnext50_32x4d '
-                       f'state_dict: {"; ".join(parts)}')
+    raise InteropError(f'{source}: not {what}: {"; ".join(parts)}')
   out: dict[str, Any] = {}
   for name, t in names.items():
     a = _numpy(state_dict[name])
@@ -754,7 +764,7 @@ def retinanet_backbone_from_torch(state_dict: Mapping[str, Any],
                          f', expected {t.shape}')
     a = _to_flax(t, a)
     if expected is not None:
-      want = tuple(_get(expected, t.flax_path, 'retinanet').shape)
+      want = tuple(_get(expected, t.flax_path, model_name).shape)
       if want != tuple(a.shape):
         raise InteropError(
             f'{source}: tensor {name} has shape '
@@ -939,6 +949,101 @@ def maskrcnn_checker_tensor_names() -> list[str]:
   """The 21 tensor names closed_maskrcnn.yaml requires (see
   maskrcnn_checker_tensors)."""
   return list(maskrcnn_checker_tensors())
+
+
+# Detectron (Caffe2) ResNet blob names -> torchvision's ResNet names.
+_C2_RESNET_NAMES = (
+    (re.compile(r'^conv1_w$'), lambda m: 'conv1.weight'),
+    (re.compile(r'^res_conv1_bn_([sb])$'),
+     lambda m: f'bn1.{_C2_AFFINE[m.group(1)]}'),
+    (re.compile(r'^res([2-5])_(\d+)_branch2([abc])_w$'),
+     lambda m: (f'layer{int(m.group(1)) - 1}.{m.group(2)}.'
+                f'conv{"abc".index(m.group(3)) + 1}.weight')),
+    (re.compile(r'^res([2-5])_(\d+)_branch2([abc])_bn_([sb])$'),
+     lambda m: (f'layer{int(m.group(1)) - 1}.{m.group(2)}.'
+                f'bn{"abc".index(m.group(3)) + 1}.'
+                f'{_C2_AFFINE[m.group(4)]}')),
+    (re.compile(r'^res([2-5])_0_branch1_w$'),
+     lambda m: f'layer{int(m.group(1)) - 1}.0.downsample.0.weight'),
+    (re.compile(r'^res([2-5])_0_branch1_bn_([sb])$'),
+     lambda m: (f'layer{int(m.group(1)) - 1}.0.downsample.1.'
+                f'{_C2_AFFINE[m.group(2)]}')),
+)
+_C2_AFFINE = {'s': 'weight', 'b': 'bias'}
+# The ImageNet classifier and the solver's momentum blobs are not used.
+_C2_IGNORED = re.compile(r'^(pred_[wb]|fc1000_[wb])$|_momentum$')
+
+
+def read_c2_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The blobs of a Detectron (Caffe2) weights file such as the reference's
+  ImageNet backbone, R-50.pkl: a pickle of {name: array}, or of
+  {'blobs': {name: array}, ...}, written by Python 2 (read as latin1)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InteropError(f'{path}: no such file; expected a Detectron weights '
+                       f'pickle (R-50.pkl)')
+  try:
+    with open(path, 'rb') as f:
+      data = pickle.load(f, encoding='latin1')
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+          AttributeError, ImportError, IndexError) as e:
+    raise InteropError(f'{path}: not a readable pickle ({e}); expected a '
+                       f'Detectron weights pickle (R-50.pkl)') from None
+  if isinstance(data, Mapping) and 'blobs' in data:
+    data = data['blobs']
+  if not isinstance(data, Mapping) or not all(
+      isinstance(k, str) for k in data):
+    raise InteropError(f'{path}: expected a dict of named arrays (or one '
+                       f"under 'blobs'), got {type(data).__name__}")
+  return {k: np.asarray(v) for k, v in data.items()}
+
+
+def maskrcnn_backbone_from_c2(blobs: Mapping[str, Any],
+                              expected: Mapping | None = None, *,
+                              source: str = 'R-50.pkl') -> dict[str, Any]:
+  """Mask R-CNN's ResNet-50 backbone from Detectron's ImageNet weights (the
+  reference's catalog://ImageNetPretrained/MSRA/R-50, read by
+  `read_c2_pickle`), renamed as maskrcnn-benchmark's c2_model_loading
+  renames them: conv1_w -> conv1, res_conv1_bn_{s,b} -> bn1 weight / bias,
+  res{k}_{i}_branch2{a,b,c} -> layer{k-1}.{i}.conv{1,2,3} (and _bn ->
+  bn{1,2,3}), res{k}_0_branch1 -> downsample.0 (and _bn -> downsample.1).
+
+  The file's batch norms are affine channels (scale s, bias b); the frozen
+  batch norms get them as weight and bias with mean 0 and variance 1, which
+  with the reference's epsilon 0 is the same affine map. The weights are
+  Caffe2's OIHW, for BGR 0..255 inputs minus the pixel mean (the
+  reference's input) and with the stride on the first 1x1 of a
+  downsampling block (`stride_in_1x1=True`). Returns {'params':
+  {'backbone'}, 'batch_stats': {'backbone'}}; `expected` (the same
+  structure, arrays or shapes) is checked tensor by tensor.
+  """
+  state_dict: dict[str, Any] = {}
+  unknown = []
+  for name, value in blobs.items():
+    if _C2_IGNORED.search(name):
+      continue
+    for pattern, rename in _C2_RESNET_NAMES:
+      if m := pattern.match(name):
+        state_dict[rename(m)] = np.asarray(value)
+        break
+    else:
+      unknown.append(name)
+  if unknown:
+    raise InteropError(f'{source}: not a Detectron ResNet-50 weights file: '
+                       f'unexpected blob(s) {", ".join(sorted(unknown)[:6])}'
+                       + (' ...' if len(unknown) > 6 else ''))
+  for name in list(state_dict):
+    if name.endswith('.bias') and not name.startswith('conv'):
+      module = name[:-len('.bias')]
+      if f'{module}.weight' in state_dict:
+        c = np.asarray(state_dict[name]).shape
+        state_dict[f'{module}.running_mean'] = np.zeros(c, np.float32)
+        state_dict[f'{module}.running_var'] = np.ones(c, np.float32)
+  tensors = [t for t in maskrcnn_tensors(num_classes=1, num_anchors=1)
+             if t.flax_path[1] == 'backbone']
+  return _backbone_from_torch(state_dict, tensors, expected, source,
+                              'maskrcnn', 'a Detectron ResNet-50 (R-50.pkl)')
 
 
 # ------------------------------------------------------------------ TF1 reader
@@ -1522,14 +1627,15 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
   """Flax variables from a PyTorch reference state_dict.
 
   Args:
-    model_name: 'resnet50', 'unet3d', 'bert', 'dlrm' or 'retinanet'.
+    model_name: 'resnet50', 'unet3d', 'bert', 'dlrm', 'retinanet' or
+      'maskrcnn'.
     state_dict: the reference module's state_dict (tensors or arrays).
-      retinanet also takes the MLPerf reference's older names (see
-      retinanet_current_name).
+      retinanet and maskrcnn also take the MLPerf reference's names (see
+      retinanet_current_name and maskrcnn_current_name).
     expected: optional variables (or jax.eval_shape of them, boxed or not)
       of the target model; shapes are checked against them, tensor by
-      tensor. (unet3d, bert, dlrm and retinanet tensors are also checked
-      against the sizes the state_dict implies.)
+      tensor. (unet3d, bert, dlrm, retinanet and maskrcnn tensors are also
+      checked against the sizes the state_dict implies.)
     **options: bert: num_heads, which no shape tells (default: read from
       `expected` if given, else BERT-large's 16). The depth and every other
       size of a BERT are read from the state_dict (bert_dims), and so are

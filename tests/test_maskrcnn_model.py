@@ -404,3 +404,52 @@ def test_bad_state_dicts_name_the_tensor(reference):
   # The reference's 81 classes against a 91-class state_dict.
   with pytest.raises(interop.InteropError, match='cls_score.weight'):
     interop.from_torch('maskrcnn', sd, _shapes(maskrcnn.MaskRCNN()))
+
+
+def test_detectron_backbone_pickle_loads_as_the_reference_renames_it(
+    tmp_path):
+  """R-50.pkl ({'blobs': ...}, a latin1 pickle) -> the backbone: each blob
+  lands where maskrcnn-benchmark's c2_model_loading puts it (conv1_w ->
+  conv1, res{k}_{i}_branch2{a,b,c} -> layer{k-1}.{i}.conv{1,2,3},
+  branch1 -> downsample, _bn_s/_bn_b -> frozen BN weight/bias with mean 0,
+  var 1); the classifier and momentum blobs are skipped; a foreign blob
+  or a wrong shape is an error naming it."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  model = maskrcnn.MaskRCNN(num_classes=81)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 64, 64, 3)))
+  from tests.test_train_maskrcnn import c2_blobs  # pylint: disable=g-import-not-at-top
+  blobs = c2_blobs(np.random.default_rng(0))
+  path = tmp_path / 'R-50.pkl'
+  with open(path, 'wb') as f:
+    pickle.dump({'blobs': blobs}, f, protocol=2)
+  expected = {'params': {'backbone': shapes['params']['backbone']},
+              'batch_stats': shapes['batch_stats']}
+  got = interop.maskrcnn_backbone_from_c2(interop.read_c2_pickle(path),
+                                          expected, source=str(path))
+  p, s = got['params']['backbone'], got['batch_stats']['backbone']
+  np.testing.assert_array_equal(p['conv0']['kernel'],
+                                blobs['conv1_w'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(s['bn0']['scale'], blobs['res_conv1_bn_s'])
+  np.testing.assert_array_equal(s['bn0']['mean'], np.zeros(64))
+  np.testing.assert_array_equal(s['bn0']['var'], np.ones(64))
+  unit = p['stage3_unit5']
+  np.testing.assert_array_equal(
+      unit['conv2']['kernel'], blobs['res4_4_branch2b_w'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      s['stage4_unit1']['bnsc']['bias'], blobs['res5_0_branch1_bn_b'])
+  np.testing.assert_array_equal(
+      p['stage2_unit1']['conv1sc']['kernel'],
+      blobs['res3_0_branch1_w'].transpose(2, 3, 1, 0))
+  n_loaded = sum(x.size for x in jax.tree.leaves(got))
+  n_backbone = sum(x.size for x in jax.tree.leaves(expected))
+  assert n_loaded == n_backbone
+  with pytest.raises(interop.InteropError, match='res6_0_branch2a_w'):
+    interop.maskrcnn_backbone_from_c2(
+        {**blobs, 'res6_0_branch2a_w': blobs['conv1_w']}, expected)
+  bad = dict(blobs, res2_1_branch2b_w=np.zeros((64, 64, 1, 1), np.float32))
+  with pytest.raises(interop.InteropError, match=r'layer1\.1\.conv2\.weight'):
+    interop.maskrcnn_backbone_from_c2(bad, expected)
+  (tmp_path / 'not.pkl').write_bytes(b'not a pickle')
+  with pytest.raises(interop.InteropError, match='not.pkl'):
+    interop.read_c2_pickle(tmp_path / 'not.pkl')

@@ -130,7 +130,7 @@ def test_reference_files_closed_log_on_8_devices_fails_only_on_accuracy(
 
 
 @pytest.mark.parametrize('case', ['missing_image', 'class_count',
-                                  'no_bucket', 'dispatch'])
+                                  'no_bucket', 'dispatch', 'backbone'])
 def test_bad_input_is_a_clear_error(tmp_path, case):
   """The run stops before compiling with exit code 2, naming what is
   wrong and what was expected."""
@@ -149,9 +149,12 @@ def test_bad_input_is_a_clear_error(tmp_path, case):
   elif case == 'no_bucket':
     args += ['--set', 'buckets=[[64, 64]]']
     want = ['fits none of the buckets', 'train2017', '.jpg']
-  else:
+  elif case == 'dispatch':
     args += ['--set', 'steps_per_dispatch=2']
     want = ['steps_per_dispatch=2', 'steps_per_dispatch=1']
+  else:
+    args += ['--set', f'backbone_checkpoint={tmp_path / "R-50.pkl"}']
+    want = [str(tmp_path / 'R-50.pkl'), 'no such file', 'R-50.pkl']
   proc = cli.run_train('--model', 'maskrcnn', '--data-dir', str(data),
                        '--workdir', str(tmp_path / 'run'),
                        '--set', 'global_batch_size=2',
@@ -336,3 +339,56 @@ def test_full_size_parameter_count():
   frozen = w.model.frozen_mask(state.params)
   assert sum(p.size for p, f in zip(jax.tree.leaves(state.params),
                                     jax.tree.leaves(frozen)) if f) == 9_408 + 212_992
+
+
+def test_backbone_checkpoint_loads_into_the_full_size_state(tmp_path):
+  """backbone_checkpoint=R-50.pkl: Detectron's ImageNet weights replace the
+  backbone's kernels and frozen batch norms; the FPN and heads keep their
+  initialization."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  blobs = c2_blobs(np.random.default_rng(1))
+  path = tmp_path / 'R-50.pkl'
+  with open(path, 'wb') as f:
+    pickle.dump({'blobs': blobs}, f, protocol=2)
+  w = maskrcnn_lib.MaskRCNN(load_config('maskrcnn', overrides={
+      'backbone_checkpoint': str(path)}))
+  w.setup(16)
+  mesh = mesh_lib.make_mesh(None)
+  state = w.init_state(jax.random.key_data(jax.random.key(0)))
+  shardings = w.state_sharding(state, mesh)
+  loaded = w.load_initial_weights(state, shardings)
+  np.testing.assert_array_equal(
+      loaded.params['backbone']['conv0']['kernel'],
+      blobs['conv1_w'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      loaded.model_state['batch_stats']['backbone']['stage4_unit3']['bn3'][
+          'scale'], blobs['res5_2_branch2c_bn_s'])
+  np.testing.assert_array_equal(loaded.params['fpn']['inner0']['kernel'],
+                                state.params['fpn']['inner0']['kernel'])
+
+
+def c2_blobs(rng):
+  """A Detectron R-50.pkl's blobs (random values, the real names and
+  OIHW shapes), with the classifier and momentum blobs it also holds."""
+  blobs = {'conv1_w': rng.normal(size=(64, 3, 7, 7)),
+           'res_conv1_bn_s': rng.random(64) + 0.5,
+           'res_conv1_bn_b': rng.normal(size=64),
+           'pred_w': rng.normal(size=(1000, 2048)),
+           'pred_b': rng.normal(size=1000),
+           'conv1_w_momentum': np.zeros((64, 3, 7, 7))}
+  cin = 64
+  for k, n in zip(range(2, 6), (3, 4, 6, 3)):
+    width = 64 * 2**(k - 2)
+    for i in range(n):
+      p = f'res{k}_{i}_branch'
+      shapes = {'2a': (width, cin if i == 0 else 4 * width, 1, 1),
+                '2b': (width, width, 3, 3), '2c': (4 * width, width, 1, 1)}
+      if i == 0:
+        shapes['1'] = (4 * width, cin, 1, 1)
+      for b, shape in shapes.items():
+        blobs[f'{p}{b}_w'] = rng.normal(size=shape)
+        blobs[f'{p}{b}_bn_s'] = rng.random(shape[0]) + 0.5
+        blobs[f'{p}{b}_bn_b'] = rng.normal(size=shape[0])
+    cin = 4 * width
+  return {k: v.astype(np.float32) for k, v in blobs.items()}
+

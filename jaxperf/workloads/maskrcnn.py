@@ -299,6 +299,37 @@ class MaskRCNN(ShardMapDataParallel, Workload):
                       opt_state=self._tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
+  def load_initial_weights(self, state, shardings):
+    """The ImageNet backbone from `backbone_checkpoint`: Detectron's
+    R-50.pkl, as the reference starts from it (MODEL.WEIGHT
+    catalog://ImageNetPretrained/MSRA/R-50), into the backbone's kernels
+    and frozen batch norms."""
+    path = self.config.backbone_checkpoint
+    if not path:
+      return state
+    import os  # pylint: disable=g-import-not-at-top
+    from jaxperf import interop  # pylint: disable=g-import-not-at-top
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+      raise ConfigError(f'backbone_checkpoint={path!r}: no such file; '
+                        f'expected Detectron\'s ImageNet weights (R-50.pkl)')
+    got = interop.maskrcnn_backbone_from_c2(
+        interop.read_c2_pickle(path),
+        expected={'params': {'backbone': state.params['backbone']},
+                  'batch_stats': state.model_state['batch_stats']},
+        source=path)
+    put = lambda x, s, ref: jax.device_put(np.asarray(x, ref.dtype), s)
+    params = dict(state.params)
+    params['backbone'] = jax.tree.map(put, got['params']['backbone'],
+                                      shardings.params['backbone'],
+                                      state.params['backbone'])
+    stats = dict(state.model_state['batch_stats'])
+    stats['backbone'] = jax.tree.map(
+        put, got['batch_stats']['backbone'],
+        shardings.model_state['batch_stats']['backbone'],
+        state.model_state['batch_stats']['backbone'])
+    return state.replace(params=params, model_state={'batch_stats': stats})
+
   # --- steps -------------------------------------------------------------------
   def _pool(self, features, boxes, size):
     """RoIAlign of [b, K, 4] boxes from P2..P5 (the reference's Pooler)
