@@ -90,7 +90,7 @@ def resolve_config(args: argparse.Namespace, platform_name: str,
   """The workload class and its config, resolved as the trainer does."""
   from jaxperf import config as config_lib, workloads
   cls = workloads.get(args.model)
-  overrides: dict[str, Any] = {}
+  overrides: dict[str, Any] = dict(cls.bench_overrides)
   default_scale = None
   if args.config is None:
     if platform_name == 'cpu':

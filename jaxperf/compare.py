@@ -1359,39 +1359,11 @@ class RetinaNetPair:
 
   def timing(self, warmup: int, repeats: int, lr: float = RETINANET_LR
              ) -> dict[str, Any]:
-    torch = self.torch
-    tx = optax.adam(lr)
-
-    def step(state, fixed, batch_stats, *inputs):
-      trainable, opt_state = state
-      (loss, _), grads = jax.value_and_grad(self.jax_loss, has_aux=True)(
-          trainable, fixed, batch_stats, *inputs)
-      updates, opt_state = tx.update(grads, opt_state, trainable)
-      return (optax.apply_updates(trainable, updates), opt_state), loss
-
-    state = (self.trainable, tx.init(self.trainable))
-    compile_s, j_times = _time_jax_step(
-        step, state, self.fixed, self.batch_stats, *self._inputs(),
-        warmup=warmup, repeats=repeats)
-    del state
-
-    tm = copy.deepcopy(self.tmodel).train()
-    x = self.timages
-    if self.channels_last:
-      tm = tm.to(memory_format=torch.channels_last)
-      x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam([p for p in tm.parameters() if p.requires_grad],
-                           lr=lr)
-    t_times = _time_torch_step(lambda: self.torch_loss(tm, x), opt, warmup,
-                               repeats)
-    jt, tt = statistics.median(j_times), statistics.median(t_times)
-    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
-                    'step_times_s': j_times},
-            'torch': {'step_time_s': tt, 'step_times_s': t_times,
-                      'channels_last': self.channels_last,
-                      'threads': torch.get_num_threads()},
-            'lr': lr,
-            'speed_ratio_jax_over_torch': tt / jt}
+    out = _detector_timing(
+        self, optax.adam(lr), self.jax_loss,
+        lambda tm, x: self.torch_loss(tm, x),
+        lambda params: self.torch.optim.Adam(params, lr=lr), warmup, repeats)
+    return {**out, 'lr': lr}
 
 
 # ---------------------------------------------------------------- maskrcnn
@@ -1732,39 +1704,54 @@ class MaskRCNNPair:
 
   def timing(self, warmup: int, repeats: int, lr: float = MASKRCNN_LR
              ) -> dict[str, Any]:
-    torch = self.torch
-    tx = optax.sgd(lr, momentum=MASKRCNN_MOMENTUM)
+    out = _detector_timing(
+        self, optax.sgd(lr, momentum=MASKRCNN_MOMENTUM), self.jax_objective,
+        lambda tm, x: self.torch_objective(tm, x)[0],
+        lambda params: self.torch.optim.SGD(params, lr=lr,
+                                            momentum=MASKRCNN_MOMENTUM),
+        warmup, repeats)
+    return {**out, 'lr': lr, 'momentum': MASKRCNN_MOMENTUM}
 
-    def step(state, fixed, batch_stats, *inputs):
-      trainable, opt_state = state
-      (loss, _), grads = jax.value_and_grad(self.jax_objective, has_aux=True)(
-          trainable, fixed, batch_stats, *inputs)
-      updates, opt_state = tx.update(grads, opt_state, trainable)
-      return (optax.apply_updates(trainable, updates), opt_state), loss
 
-    state = (self.trainable, tx.init(self.trainable))
-    compile_s, j_times = _time_jax_step(
-        step, state, self.fixed, self.batch_stats, *self._inputs(),
-        warmup=warmup, repeats=repeats)
-    del state
+def _detector_timing(pair, tx: optax.GradientTransformation, jax_objective,
+                     torch_objective, torch_optimizer, warmup: int,
+                     repeats: int) -> dict[str, Any]:
+  """One training step timed in each framework for a detector pair (with
+  `trainable`, `fixed`, `batch_stats`, `_inputs()`, `tmodel`, `timages`,
+  `channels_last` and `torch`): JAX's `jax_objective(trainable, fixed,
+  batch_stats, *inputs)` -> (loss, aux) with `tx`, PyTorch's
+  `torch_objective(model, images)` -> loss with `torch_optimizer(params)`
+  over a copy of the module's trainable parameters."""
+  torch = pair.torch
 
-    tm = copy.deepcopy(self.tmodel).train()
-    x = self.timages
-    if self.channels_last:
-      tm = tm.to(memory_format=torch.channels_last)
-      x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad],
-                          lr=lr, momentum=MASKRCNN_MOMENTUM)
-    t_times = _time_torch_step(lambda: self.torch_objective(tm, x)[0], opt,
-                               warmup, repeats)
-    jt, tt = statistics.median(j_times), statistics.median(t_times)
-    return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
-                    'step_times_s': j_times},
-            'torch': {'step_time_s': tt, 'step_times_s': t_times,
-                      'channels_last': self.channels_last,
-                      'threads': torch.get_num_threads()},
-            'lr': lr, 'momentum': MASKRCNN_MOMENTUM,
-            'speed_ratio_jax_over_torch': tt / jt}
+  def step(state, fixed, batch_stats, *inputs):
+    trainable, opt_state = state
+    (loss, _), grads = jax.value_and_grad(jax_objective, has_aux=True)(
+        trainable, fixed, batch_stats, *inputs)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return (optax.apply_updates(trainable, updates), opt_state), loss
+
+  state = (pair.trainable, tx.init(pair.trainable))
+  compile_s, j_times = _time_jax_step(
+      step, state, pair.fixed, pair.batch_stats, *pair._inputs(),  # pylint: disable=protected-access
+      warmup=warmup, repeats=repeats)
+  del state
+
+  tm = copy.deepcopy(pair.tmodel).train()
+  x = pair.timages
+  if pair.channels_last:
+    tm = tm.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  opt = torch_optimizer([p for p in tm.parameters() if p.requires_grad])
+  t_times = _time_torch_step(lambda: torch_objective(tm, x), opt, warmup,
+                             repeats)
+  jt, tt = statistics.median(j_times), statistics.median(t_times)
+  return {'jax': {'compile_s': compile_s, 'step_time_s': jt,
+                  'step_times_s': j_times},
+          'torch': {'step_time_s': tt, 'step_times_s': t_times,
+                    'channels_last': pair.channels_last,
+                    'threads': torch.get_num_threads()},
+          'speed_ratio_jax_over_torch': tt / jt}
 
 
 def _split_frozen(params: Any, frozen: Any) -> tuple[Any, Any]:

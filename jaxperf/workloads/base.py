@@ -89,6 +89,9 @@ class Workload(abc.ABC):
   # given (after its own: batch 16, float32), for workloads whose full size
   # cannot run there.
   bench_cpu_overrides: dict[str, Any] = {}
+  # Config overrides jaxperf.bench always applies (before --set): what the
+  # timed steps need to stay finite from random weights.
+  bench_overrides: dict[str, Any] = {}
 
   def __init__(self, config: Config):
     self.config = config
@@ -397,6 +400,41 @@ def batch_shape_key(batch: Mapping[str, Any], keys=None) -> tuple:
   arrays or specs."""
   keys = batch.keys() if keys is None else keys
   return tuple(sorted((k, tuple(batch[k].shape[1:])) for k in keys))
+
+
+def random_boxes(rng: np.random.Generator, batch: int, max_boxes: int,
+                 height: int, width: int, max_per_image: int = 8
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Padded ground truth for benchmarking detectors: 1..max_per_image
+  boxes per image, 10-40% of the image's sides, inside it. Returns
+  (float32 [batch, max_boxes, 4] (x1, y1, x2, y2), bool valid [batch,
+  max_boxes])."""
+  n = rng.integers(1, min(max_per_image, max_boxes) + 1, batch)
+  xy = rng.uniform(0, 0.6, (batch, max_boxes, 2)) * [width, height]
+  wh = rng.uniform(0.1, 0.4, (batch, max_boxes, 2)) * [width, height]
+  valid = np.arange(max_boxes)[None, :] < n[:, None]
+  boxes = np.where(valid[..., None], np.concatenate([xy, xy + wh], -1), 0)
+  return boxes.astype(np.float32), valid
+
+
+def replace_backbone(state: TrainState, shardings: Any,
+                     loaded: Mapping[str, Any]) -> TrainState:
+  """The state with the parameters and batch statistics under 'backbone'
+  replaced by `loaded` ({'params': {'backbone': ...}, 'batch_stats':
+  {'backbone': ...}}, e.g. from jaxperf.interop), placed as `shardings`
+  place the state's and cast to its dtypes."""
+  put = lambda x, s, ref: jax.device_put(np.asarray(x, ref.dtype), s)
+  params = dict(state.params)
+  params['backbone'] = jax.tree.map(put, loaded['params']['backbone'],
+                                    shardings.params['backbone'],
+                                    state.params['backbone'])
+  stats = dict(state.model_state['batch_stats'])
+  stats['backbone'] = jax.tree.map(
+      put, loaded['batch_stats']['backbone'],
+      shardings.model_state['batch_stats']['backbone'],
+      state.model_state['batch_stats']['backbone'])
+  return state.replace(params=params,
+                       model_state={**state.model_state, 'batch_stats': stats})
 
 
 def rng_key(state: TrainState) -> jax.Array:

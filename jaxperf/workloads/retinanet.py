@@ -48,7 +48,8 @@ from jaxperf.errors import ConfigError
 from jaxperf.models import layers
 from jaxperf.models import retinanet as retinanet_model
 from jaxperf.workloads.base import (ReplicatedEval, Schedule,
-                                    ShardMapDataParallel, TrainState, Workload)
+                                    ShardMapDataParallel, TrainState, Workload,
+                                    random_boxes, replace_backbone)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -220,16 +221,7 @@ class RetinaNet(ShardMapDataParallel, Workload):
         sd, expected={'params': {'backbone': state.params['backbone']},
                       'batch_stats': state.model_state['batch_stats']},
         source=path)
-    put = lambda x, s, ref: jax.device_put(np.asarray(x, ref.dtype), s)
-    params = dict(state.params)
-    params['backbone'] = jax.tree.map(put, got['params']['backbone'],
-                                      shardings.params['backbone'],
-                                      state.params['backbone'])
-    stats = jax.tree.map(put, got['batch_stats'],
-                         shardings.model_state['batch_stats'],
-                         state.model_state['batch_stats'])
-    return state.replace(params=params,
-                         model_state={'batch_stats': stats})
+    return replace_backbone(state, shardings, got)
 
   # --- steps -------------------------------------------------------------------
   def _normalize(self, images):
@@ -295,13 +287,9 @@ class RetinaNet(ShardMapDataParallel, Workload):
     rng = np.random.default_rng(seed)
     h, w = self.image_size
     g = self.max_boxes
-    n = rng.integers(1, min(8, g) + 1, global_batch)
-    xy = rng.uniform(0, 0.6, (global_batch, g, 2)) * [w, h]
-    wh = rng.uniform(0.1, 0.4, (global_batch, g, 2)) * [w, h]
-    valid = np.arange(g)[None, :] < n[:, None]
-    boxes = np.where(valid[..., None], np.concatenate([xy, xy + wh], -1), 0)
+    boxes, valid = random_boxes(rng, global_batch, g, h, w)
     return {'image': rng.random((global_batch, h, w, 3), np.float32),
-            'boxes': boxes.astype(np.float32),
+            'boxes': boxes,
             'labels': np.where(valid, rng.integers(
                 0, self.num_classes, (global_batch, g)), 0).astype(np.int32),
             'valid': valid}
