@@ -297,7 +297,13 @@ class ReplicatedEval:
     results, pending = [], None
     for batch in eval_ds.eval_batches(self.batch, process_index=index,
                                       process_count=count):
-      spec, fn = self.fns[batch_shape_key(batch, self.shardings)]
+      key = batch_shape_key(batch, self.shardings)
+      if key not in self.fns:
+        raise ValueError(
+            f'an eval batch of shapes {dict(key)} matches none of the '
+            f'{len(self.fns)} compiled ones ({[dict(k) for k in self.fns]}); '
+            f'the workload\'s batch_specs must list every eval shape')
+      spec, fn = self.fns[key]
       arrays = {k: jax.make_array_from_process_local_data(
           self.shardings[k], np.asarray(batch[k], spec[k].dtype),
           spec[k].shape) for k in spec}
