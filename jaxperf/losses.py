@@ -22,12 +22,20 @@ summed over all but the ignored anchors and the box loss the L1 distance to
 the encoded matched boxes summed over the foreground anchors, both divided by
 the image's number of foreground anchors (at least 1) and averaged over the
 batch.
+
+RNN-T (LibriSpeech): `rnnt_loss` is the transducer loss as
+torchaudio.functional.rnnt_loss computes it (the reference trains with
+Apex's equivalent kernel), a forward (alpha) recursion over the T x (U + 1)
+lattice in log space, one anti-diagonal per step of a lax.scan.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxperf.models import layers
 from jaxperf.models.layers.anchors import BETWEEN_THRESHOLDS
@@ -402,3 +410,300 @@ def maskrcnn_mask_loss(mask_logits: jax.Array, labels: jax.Array,
   pixels = logits.shape[-2] * logits.shape[-1]
   count = jnp.maximum(jnp.sum(valid) * pixels, 1).astype(dt)
   return jnp.sum(jnp.where(valid[..., None, None], bce, 0)) / count
+
+
+# ---------------------------------------------------------------------------
+# The transducer (RNN-T) loss.
+
+# Log-probability of what cannot happen. Finite, so that the gradients of
+# logaddexp at two impossible terms stay finite (and zero).
+_LOG_ZERO = -1e30
+
+
+def _skew(x: jax.Array, steps: int) -> jax.Array:
+  """[B, T, U1] -> [B, steps, U1], row n holding x[:, n - u, u] at u
+  (_LOG_ZERO where n - u is outside [0, T))."""
+  t_len = x.shape[1]
+  n = jnp.arange(steps)[:, None]
+  u = jnp.arange(x.shape[2])[None, :]
+  t = n - u
+  inside = (t >= 0) & (t < t_len)
+  gathered = jnp.take_along_axis(
+      x, jnp.broadcast_to(jnp.clip(t, 0, t_len - 1)[None], (x.shape[0],) +
+                          t.shape), axis=1)
+  return jnp.where(inside[None], gathered, _LOG_ZERO)
+
+
+def rnnt_loss(logits: jax.Array, labels: jax.Array, logit_lengths: jax.Array,
+              label_lengths: jax.Array, blank: int = 0,
+              reduction: str = 'none', clamp: float | None = None
+              ) -> jax.Array:
+  """The RNN-T loss: each utterance's negative log-likelihood of its
+  labels under the transducer, as torchaudio.functional.rnnt_loss.
+
+  With lp = log_softmax(logits) over the vocabulary, the forward variables
+  of utterance b over t < T_b, u <= U_b are
+
+      alpha[0, 0] = 0
+      alpha[t, u] = logaddexp(alpha[t - 1, u] + lp[t - 1, u, blank],
+                              alpha[t, u - 1] + lp[t, u - 1, labels[u - 1]])
+
+  and its loss is -(alpha[T_b - 1, U_b] + lp[T_b - 1, U_b, blank]), with
+  T_b = logit_lengths[b] and U_b = label_lengths[b]; frames and labels
+  beyond those lengths are padding and do not count. The recursion runs
+  over the lattice's anti-diagonals (t + u constant), each one vectorised
+  over the batch and u, in float32 or wider. The gradient is each move's
+  posterior probability from the forward and backward (beta) variables,
+  as torchaudio computes it, rather than autodiff through the scan, whose
+  rounding accumulates along the lattice. Apart from `logits` (and its gradient) no
+  [B, T, U + 1, V] array is made: the log-softmax enters through its
+  normaliser logsumexp(logits) and the two gathered log-probabilities.
+
+  Args:
+    logits: [B, T, U + 1, V] joint network outputs (unnormalised).
+    labels: [B, U] int label ids (not `blank`), padded.
+    logit_lengths: [B] int frames per utterance, 1 <= T_b <= T.
+    label_lengths: [B] int labels per utterance, 0 <= U_b <= U.
+    blank: the blank id.
+    reduction: 'none' ([B] losses), 'mean' or 'sum' over the batch.
+    clamp: if given, the gradient reaching the logits is clamped to
+      [-clamp, clamp] (torchaudio's `clamp`); None or <= 0: not clamped.
+
+  Returns:
+    float32 (or float64) losses [B], or their mean or sum.
+  """
+  logits = jnp.asarray(logits)
+  if logits.ndim != 4:
+    raise ValueError(f'logits must be [B, T, U + 1, V], got {logits.shape}')
+  batch, t_len, u1, vocab = logits.shape
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  if labels.shape != (batch, u1 - 1):
+    raise ValueError(f'labels must be {(batch, u1 - 1)} for logits '
+                     f'{logits.shape}, got {labels.shape}')
+  logit_lengths = jnp.asarray(logit_lengths).astype(jnp.int32)
+  label_lengths = jnp.asarray(label_lengths).astype(jnp.int32)
+  if logit_lengths.shape != (batch,) or label_lengths.shape != (batch,):
+    raise ValueError(f'logit_lengths and label_lengths must be [{batch}], '
+                     f'got {logit_lengths.shape} and {label_lengths.shape}')
+  if not 0 <= blank < vocab:
+    raise ValueError(f'blank={blank} is not a vocabulary id (V={vocab})')
+  if reduction not in ('none', 'mean', 'sum'):
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got "
+                     f'{reduction!r}')
+  x = logits
+  if clamp is not None and clamp > 0:
+    x = _clamp_gradient(x, float(clamp))
+  # In float32 (or wider) from here; the logits themselves are not copied.
+  blank_lp, label_lp = _lattice_log_probs(x, labels, blank)
+  final = _log_likelihood(blank_lp, label_lp, logit_lengths, label_lengths)
+  loss = -final
+  if reduction == 'mean':
+    return jnp.mean(loss)
+  if reduction == 'sum':
+    return jnp.sum(loss)
+  return loss
+
+
+def _diagonals(blank_lp: jax.Array, label_lp: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """The lattice's log-probabilities by anti-diagonal, [B, T + U + 1, U1]
+  each: row n holds node (n - u, u) at u. Moves out of (t, u) go to
+  diagonal n + 1: a blank to (t + 1, u), a label to (t, u + 1)."""
+  t_len, u1 = blank_lp.shape[1:]
+  steps = t_len + u1
+  label_lp = jnp.pad(label_lp, ((0, 0), (0, 0), (0, 1)),
+                     constant_values=_LOG_ZERO)
+  return _skew(blank_lp, steps), _skew(label_lp, steps)
+
+
+def _alphas(blank_diag: jax.Array, label_diag: jax.Array) -> jax.Array:
+  """Forward variables by diagonal, [T + U + 1, B, U1]: alpha[t, u] =
+  logaddexp(alpha[t - 1, u] + blank[t - 1, u], alpha[t, u - 1] +
+  label[t, u - 1]), alpha[0, 0] = 0."""
+  batch, steps, u1 = blank_diag.shape
+
+  def step(alpha, n):
+    from_blank = alpha + blank_diag[:, n - 1]
+    from_label = jnp.pad(alpha[:, :-1] + label_diag[:, n - 1, :-1],
+                         ((0, 0), (1, 0)), constant_values=_LOG_ZERO)
+    new = jnp.logaddexp(from_blank, from_label)
+    return new, new
+
+  alpha0 = jnp.full((batch, u1), _LOG_ZERO, blank_diag.dtype).at[:, 0].set(0)
+  _, alphas = jax.lax.scan(step, alpha0, jnp.arange(1, steps))
+  return jnp.concatenate([alpha0[None], alphas], axis=0)
+
+
+def _node_masks(steps: int, u1: int, t_lens: jax.Array, u_lens: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """(valid, terminal) bool [N, B, U1] by diagonal: node (t, u) is in
+  utterance b's lattice (t < T_b, u <= U_b), or is its end (T_b, U_b),
+  reached by the last blank."""
+  n = jnp.arange(steps)[:, None, None]
+  u = jnp.arange(u1)[None, None, :]
+  t = n - u
+  valid = (t >= 0) & (t < t_lens[None, :, None]) & (u <= u_lens[None, :, None])
+  terminal = (t == t_lens[None, :, None]) & (u == u_lens[None, :, None])
+  return valid, terminal
+
+
+def _betas(blank_diag, label_diag, valid, terminal) -> jax.Array:
+  """Backward variables by diagonal, [N, B, U1]: beta[t, u] = log p(the
+  rest of the labels and frames | at (t, u)), 0 at the end node and
+  log 0 outside the utterance's lattice."""
+  steps = blank_diag.shape[1]
+  dt = blank_diag.dtype
+  last = jnp.where(terminal[-1], 0.0, _LOG_ZERO).astype(dt)
+
+  def step(beta_next, n):
+    via_blank = blank_diag[:, n] + beta_next
+    via_label = label_diag[:, n] + jnp.pad(
+        beta_next[:, 1:], ((0, 0), (0, 1)), constant_values=_LOG_ZERO)
+    beta = jnp.logaddexp(via_blank, via_label)
+    beta = jnp.where(terminal[n], 0.0, jnp.where(valid[n], beta, _LOG_ZERO))
+    return beta, beta
+
+  _, betas = jax.lax.scan(step, last, jnp.arange(steps - 2, -1, -1))
+  return jnp.concatenate([betas[::-1], last[None]], axis=0)
+
+
+def _unskew(diag: jax.Array, t_len: int) -> jax.Array:
+  """[N, B, U1] by diagonal -> [B, T, U1] by (t, u)."""
+  u1 = diag.shape[2]
+  n = jnp.arange(t_len)[:, None] + jnp.arange(u1)[None, :]     # [T, U1]
+  by_node = jnp.take_along_axis(
+      jnp.moveaxis(diag, 1, 0),
+      jnp.broadcast_to(n[None], (diag.shape[1], t_len, u1)), axis=1)
+  return by_node
+
+
+@jax.custom_vjp
+def _log_likelihood(blank_lp, label_lp, t_lens, u_lens):
+  """log p(labels | frames) of each utterance, [B], from the lattice's
+  log-probabilities (blank_lp [B, T, U1], label_lp [B, T, U])."""
+  alphas = _alphas(*_diagonals(blank_lp, label_lp))
+  return _final(alphas, blank_lp, t_lens, u_lens)
+
+
+def _final(alphas, blank_lp, t_lens, u_lens):
+  b = jnp.arange(blank_lp.shape[0])
+  last_t = t_lens - 1
+  return alphas[last_t + u_lens, b, u_lens] + blank_lp[b, last_t, u_lens]
+
+
+def _log_likelihood_fwd(blank_lp, label_lp, t_lens, u_lens):
+  blank_diag, label_diag = _diagonals(blank_lp, label_lp)
+  alphas = _alphas(blank_diag, label_diag)
+  return (_final(alphas, blank_lp, t_lens, u_lens),
+          (blank_diag, label_diag, alphas, blank_lp.shape[1], t_lens, u_lens))
+
+
+def _log_likelihood_bwd(res, g):
+  # The gradient of log p with respect to a move's log-probability is the
+  # posterior probability of the move: exp(alpha(from) + lp(move) +
+  # beta(to) - log p), from both recursions (more accurate in float32
+  # than differentiating through the forward one alone).
+  blank_diag, label_diag, alphas, t_len, t_lens, u_lens = res
+  steps, batch, u1 = alphas.shape
+  valid, terminal = _node_masks(steps, u1, t_lens, u_lens)
+  betas = _betas(blank_diag, label_diag, valid, terminal)
+  total = _final_from(alphas, blank_diag, t_lens, u_lens)       # [B]
+  beta_next = jnp.concatenate(
+      [betas[1:], jnp.full((1, batch, u1), _LOG_ZERO, betas.dtype)], axis=0)
+  beta_right = jnp.pad(beta_next[:, :, 1:], ((0, 0), (0, 0), (0, 1)),
+                       constant_values=_LOG_ZERO)
+  base = alphas - total[None, :, None]
+  weight = g[None, :, None]
+  d_blank = jnp.where(valid, jnp.exp(
+      base + jnp.moveaxis(blank_diag, 1, 0) + beta_next), 0) * weight
+  d_label = jnp.where(valid, jnp.exp(
+      base + jnp.moveaxis(label_diag, 1, 0) + beta_right), 0) * weight
+  zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return (_unskew(d_blank, t_len), _unskew(d_label, t_len)[:, :, :-1],
+          zero_int(t_lens), zero_int(u_lens))
+
+
+def _final_from(alphas, blank_diag, t_lens, u_lens):
+  """_final with the blank log-probability read from its diagonal."""
+  b = jnp.arange(alphas.shape[1])
+  n = t_lens - 1 + u_lens
+  return alphas[n, b, u_lens] + blank_diag[b, n, u_lens]
+
+
+_log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
+
+
+def _targets(labels: jax.Array, u1: int) -> jax.Array:
+  """[B, U] labels -> [B, 1, U + 1, 1] with -1 (no label) at u = U."""
+  padded = jnp.pad(labels, ((0, 0), (0, 1)), constant_values=-1)
+  return padded[:, None, :, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lattice_log_probs(x: jax.Array, labels: jax.Array, blank: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(log p(blank) [B, T, U1], log p(labels[u]) [B, T, U]) at every lattice
+  node, from logits x [B, T, U1, V], without a log-softmax array; float32
+  or wider."""
+  dt = jnp.promote_types(x.dtype, jnp.float32)
+  norm = _log_normalizer(x)
+  index = jnp.maximum(_targets(labels, x.shape[2]), 0)
+  picked = jnp.take_along_axis(x, jnp.broadcast_to(
+      index, x.shape[:3] + (1,)), axis=-1)[..., 0].astype(dt)
+  return x[..., blank].astype(dt) - norm, (picked - norm)[:, :, :-1]
+
+
+def _log_normalizer(x: jax.Array) -> jax.Array:
+  """logsumexp over the last axis, accumulated in float32 or wider. The
+  max is taken in x's own dtype (exact), so that each of the two
+  reductions reads x once, without a converted copy of it."""
+  dt = jnp.promote_types(x.dtype, jnp.float32)
+  top = jax.lax.stop_gradient(jnp.max(x, axis=-1)).astype(dt)
+  top = jnp.where(jnp.isfinite(top), top, 0)
+  total = jnp.sum(jnp.exp(x.astype(dt) - top[..., None]), axis=-1)
+  return top + jnp.log(total)
+
+
+def _lattice_fwd(x, labels, blank):
+  out = _lattice_log_probs(x, labels, blank)
+  return out, (x, labels, _log_normalizer(x))
+
+
+def _lattice_bwd(blank, res, g):
+  # d/dx of x[v] - logsumexp(x) is onehot(v) - softmax(x): one elementwise
+  # expression over the vocabulary (no scatter), so XLA writes the
+  # gradient in one pass without another [B, T, U1, V] array.
+  x, labels, norm = res
+  g_blank, g_label = g
+  g_label = jnp.pad(g_label, ((0, 0), (0, 0), (0, 1)))
+  vocab = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, x.shape[-1]), 3)
+  target = _targets(labels, x.shape[2])
+  grad = (jnp.where(vocab == blank, g_blank[..., None], 0)
+          + jnp.where(vocab == target, g_label[..., None], 0)
+          - jnp.exp(x.astype(norm.dtype) - norm[..., None])
+          * (g_blank + g_label)[..., None])
+  return grad.astype(x.dtype), None
+
+
+_lattice_log_probs.defvjp(_lattice_fwd, _lattice_bwd)
+
+
+@jax.custom_vjp
+def _clamp_gradient_impl(x, clamp):
+  return x
+
+
+def _clamp_fwd(x, clamp):
+  return x, clamp
+
+
+def _clamp_bwd(clamp, g):
+  return jnp.clip(g, -clamp, clamp), None
+
+
+_clamp_gradient_impl.defvjp(_clamp_fwd, _clamp_bwd)
+
+
+def _clamp_gradient(x: jax.Array, clamp: float) -> jax.Array:
+  """x, with its gradient clamped to [-clamp, clamp]."""
+  return _clamp_gradient_impl(x, jnp.asarray(clamp, x.dtype))
