@@ -1046,6 +1046,92 @@ def maskrcnn_backbone_from_c2(blobs: Mapping[str, Any],
                               'maskrcnn', 'a Detectron ResNet-50 (R-50.pkl)')
 
 
+# ------------------------------------------------------------------ rnnt
+
+
+def rnnt_tensors(num_classes: int = 1024, in_features: int = 240,
+                 enc_hidden: int = 1024, enc_pre_layers: int = 2,
+                 enc_post_layers: int = 3, stack_time_factor: int = 2,
+                 pred_hidden: int = 512, pred_layers: int = 2,
+                 joint_hidden: int = 512) -> list[_Tensor]:
+  """The MLPerf reference RNN-T (jaxperf.torch_models.rnnt) <->
+  models/rnnt.py.
+
+  encoder.pre_rnn.lstm / encoder.post_rnn.lstm / prediction.dec_rnn.lstm
+  weight_ih_l{k}, weight_hh_l{k} (4H, I) <-> pre_rnn / post_rnn /
+  dec_rnn/layer{k}/kernel_ih, kernel_hh (I, 4H), and bias_ih_l{k},
+  bias_hh_l{k} as they are (gates i, f, g, o in both);
+  prediction.embed.weight <-> pred_embed/embedding; joint_pred, joint_enc
+  and joint_net.2 weight / bias <-> joint_pred, joint_enc, joint_net
+  kernel / bias.
+  """
+  out = []
+
+  def lstm(prefix, module, in_size, hidden, layers):
+    for k in range(layers):
+      i = in_size if k == 0 else hidden
+      for w, flax_name, shape in (('weight_ih', 'kernel_ih', (4 * hidden, i)),
+                                  ('weight_hh', 'kernel_hh',
+                                   (4 * hidden, hidden))):
+        out.append(_Tensor(f'{prefix}.lstm.{w}_l{k}',
+                           ('params', module, f'layer{k}', flax_name),
+                           'dense', shape))
+      for b in ('bias_ih', 'bias_hh'):
+        out.append(_Tensor(f'{prefix}.lstm.{b}_l{k}',
+                           ('params', module, f'layer{k}', b), 'vector',
+                           (4 * hidden,)))
+
+  def linear(torch_prefix, module, n_in, n_out):
+    out.append(_Tensor(f'{torch_prefix}.weight', ('params', module, 'kernel'),
+                       'dense', (n_out, n_in)))
+    out.append(_Tensor(f'{torch_prefix}.bias', ('params', module, 'bias'),
+                       'vector', (n_out,)))
+
+  lstm('encoder.pre_rnn', 'pre_rnn', in_features, enc_hidden, enc_pre_layers)
+  lstm('encoder.post_rnn', 'post_rnn', stack_time_factor * enc_hidden,
+       enc_hidden, enc_post_layers)
+  out.append(_Tensor('prediction.embed.weight',
+                     ('params', 'pred_embed', 'embedding'), 'embed',
+                     (num_classes - 1, pred_hidden)))
+  lstm('prediction.dec_rnn', 'dec_rnn', pred_hidden, pred_hidden, pred_layers)
+  linear('joint_pred', 'joint_pred', pred_hidden, joint_hidden)
+  linear('joint_enc', 'joint_enc', enc_hidden, joint_hidden)
+  linear('joint_net.2', 'joint_net', joint_hidden, num_classes)
+  return out
+
+
+def rnnt_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+  """The sizes of an RNN-T from its state_dict's shapes and names."""
+  def need(name):
+    if name not in shapes:
+      raise InteropError(f'rnnt: tensor {name} is missing')
+    return tuple(int(v) for v in shapes[name])
+
+  def layers(prefix):
+    return sum(1 for k in shapes
+               if re.fullmatch(rf'{re.escape(prefix)}\.lstm\.weight_ih_l\d+',
+                               k))
+  pre_ih = need('encoder.pre_rnn.lstm.weight_ih_l0')
+  post_ih = need('encoder.post_rnn.lstm.weight_ih_l0')
+  embed = need('prediction.embed.weight')
+  joint = need('joint_net.2.weight')
+  enc_hidden = pre_ih[0] // 4
+  return {'num_classes': joint[0], 'in_features': pre_ih[1],
+          'enc_hidden': enc_hidden,
+          'enc_pre_layers': layers('encoder.pre_rnn'),
+          'enc_post_layers': layers('encoder.post_rnn'),
+          'stack_time_factor': post_ih[1] // enc_hidden,
+          'pred_hidden': embed[1], 'pred_layers': layers('prediction.dec_rnn'),
+          'joint_hidden': joint[1]}
+
+
+def rnnt_checker_tensor_names() -> list[str]:
+  """The 7 names closed_rnnt.yaml (2.1.0) wants in weights_initialization
+  events: the reference's modules."""
+  return ['pre_rnn', 'post_rnn', 'pred_embed', 'dec_rnn', 'joint_pred',
+          'joint_enc', 'joint_net']
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):
@@ -1398,6 +1484,8 @@ _MODELS: dict[str, Callable[..., list[_Tensor]]] = {
     'dlrm': _dlrm,
     'retinanet': _retinanet,
     'maskrcnn': _maskrcnn,
+    'rnnt': lambda names, shapes, **layers: rnnt_tensors(
+        **(rnnt_dims(shapes) if shapes is not None else layers)),
 }
 # Per model: entries of the variables that are a list of arrays (dlrm's
 # tables) rather than a dict; internally they are dicts keyed '0', '1', ...
@@ -1409,7 +1497,7 @@ _TO_TORCH_CHECKED = ('dlrm', 'retinanet', 'maskrcnn')
 _TF_MODELS = ('bert',)
 # Per model: the keyword options of from_torch / from_tf_checkpoint.
 _OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',),
-            'dlrm': (), 'retinanet': (), 'maskrcnn': ()}
+            'dlrm': (), 'retinanet': (), 'maskrcnn': (), 'rnnt': ()}
 # Models whose batch norms keep no num_batches_tracked (frozen batch norms):
 # to_torch writes none for them.
 _NO_BATCH_COUNT = ('retinanet', 'maskrcnn')
@@ -1627,8 +1715,8 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
   """Flax variables from a PyTorch reference state_dict.
 
   Args:
-    model_name: 'resnet50', 'unet3d', 'bert', 'dlrm', 'retinanet' or
-      'maskrcnn'.
+    model_name: 'resnet50', 'unet3d', 'bert', 'dlrm', 'retinanet',
+      'maskrcnn' or 'rnnt'.
     state_dict: the reference module's state_dict (tensors or arrays).
       retinanet and maskrcnn also take the MLPerf reference's names (see
       retinanet_current_name and maskrcnn_current_name).
@@ -1723,6 +1811,17 @@ def _options_from_variables(model_name: str, variables: Mapping[str, Any]
     tables = variables.get('tables', {})
     return {'num_tables': len(tables) if isinstance(tables, Mapping) else 0,
             'num_bottom': layers('bottom_mlp'), 'num_top': layers('top_mlp')}
+  if model_name == 'rnnt':
+    params = variables.get('params', {})
+    params = params if isinstance(params, Mapping) else {}
+
+    def depth(module):
+      node = params.get(module, {})
+      return sum(1 for k in (node if isinstance(node, Mapping) else ())
+                 if re.fullmatch(r'layer\d+', k))
+    return {'enc_pre_layers': depth('pre_rnn'),
+            'enc_post_layers': depth('post_rnn'),
+            'pred_layers': depth('dec_rnn')}
   if model_name != 'bert':
     return {}
   bert = variables.get('params', {}).get('bert', {}) if isinstance(
