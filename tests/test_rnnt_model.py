@@ -131,3 +131,62 @@ def test_round_trip_and_bad_state_dicts():
   del sd['joint_enc.bias']
   with pytest.raises(interop.InteropError, match='joint_enc.bias'):
     interop.from_torch('rnnt', sd)
+
+
+def _reference_greedy(reference, x, out_len, blank, max_symbols,
+                      max_per_sample):
+  """The reference's RNNTGreedyDecoder._greedy_decode, on the PyTorch
+  model: x is one utterance's encoder output (T, 1, H)."""
+  hidden, label = None, []
+  for t in range(out_len):
+    if len(label) > max_per_sample:
+      break
+    f = x[t].unsqueeze(0)
+    not_blank, added = True, 0
+    while not_blank and added < max_symbols:
+      if label:
+        y = reference.prediction['embed'](torch.tensor([[label[-1]]]))
+      else:
+        y = torch.zeros((1, 1, reference.pred_n_hid))
+      g, hidden_prime = reference.prediction['dec_rnn'](y.transpose(0, 1),
+                                                        hidden)
+      logp = reference.joint(f, g.transpose(0, 1))[0, 0, 0]
+      k = int(logp.argmax())
+      if k == blank:
+        not_blank = False
+      else:
+        label.append(k)
+        hidden = hidden_prime
+      added += 1
+  return label
+
+
+@pytest.mark.parametrize('caps', [(30, 300), (2, 6)])
+def test_greedy_decoding_is_the_references(caps):
+  """Batched, jitted greedy decoding = the reference's per-utterance loop,
+  label for label, including its caps per frame and per utterance. The
+  joint's output bias is tilted away from the blank so that labels are
+  emitted often and the caps bind."""
+  reference, model, variables = _pair(3)
+  with torch.no_grad():
+    reference.joint_net[2].bias[-1] -= 3.0
+  variables = interop.from_torch('rnnt', reference.state_dict())
+  rng = np.random.default_rng(4)
+  b, t = 4, 16
+  x = rng.normal(size=(b, t, SMALL['in_features'])).astype(np.float32)
+  lens = np.asarray([16, 11, 3, 1], np.int32)
+  per_step, per_sample = caps
+  labels, counts = jax.jit(lambda v, x, l: rnnt.greedy_decode(
+      model, v, x, l, max_symbols_per_step=per_step,
+      max_symbols_per_sample=per_sample))(variables, jnp.asarray(x), lens)
+  with torch.no_grad():
+    enc, enc_lens = reference.encode(torch.tensor(x.transpose(1, 0, 2)),
+                                     torch.tensor(lens))
+    for i in range(b):
+      want = _reference_greedy(reference, enc[i].unsqueeze(1),
+                               int(enc_lens[i]), SMALL['num_classes'] - 1,
+                               per_step, per_sample)
+      got = np.asarray(labels[i, :counts[i]]).tolist()
+      assert got == want, (i, got, want)
+      assert np.all(np.asarray(labels[i, counts[i]:]) == -1)
+  assert int(counts.max()) > 0
