@@ -303,8 +303,8 @@ class Trainer:
     start_step = int(jax.device_get(state.step))
 
     # ---- compile ahead of time ----
-    # One program per batch shape (most workloads have one; Mask R-CNN one
-    # per image bucket), chosen per call by the batch's shapes.
+    # One program per batch shape (most workloads have one; bucketed inputs
+    # one per bucket), chosen per call by the batch's shapes.
     specs_train = w.batch_specs(gbs, train=True)
     specs_eval = w.batch_specs(ebs, train=False)
     if len(specs_train) > 1 and k > 1:
