@@ -68,14 +68,18 @@ def test_features_match_the_reference():
   for i, n in enumerate(lens):
     tone = np.sin(2 * np.pi * (300 + 500 * i) * t[:n] * (1 + t[:n]))
     x[i, :n] = 0.3 * tone + 0.01 * rng.normal(size=n)
-  got, steps = audio.features(jnp.asarray(x), lens)
   want, want_steps = _reference(x.astype(np.float64), lens)
-  np.testing.assert_array_equal(steps, want_steps)
-  assert got.shape == want.shape == (3, 34, 240)
-  np.testing.assert_allclose(got, want, atol=2e-3)
-  # Most values agree far more closely than the worst (log of tiny mel
-  # energies in float32).
-  assert np.median(np.abs(np.asarray(got) - want)) < 1e-4
+  # jax.numpy (on a device) and numpy (on the host, data workers).
+  for inputs in ((jnp.asarray(x), jnp.asarray(lens)), (x, lens)):
+    got, steps = audio.features(*inputs)
+    assert isinstance(got, np.ndarray) == isinstance(inputs[0], np.ndarray)
+    np.testing.assert_array_equal(steps, want_steps)
+    assert got.shape == want.shape == (3, 34, 240)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    # Most values agree far more closely than the worst (log of tiny mel
+    # energies in float32).
+    assert np.median(np.abs(np.asarray(got) - want)) < 1e-4
 
 
 def test_dither_is_random_and_small():
@@ -84,3 +88,8 @@ def test_dither_is_random_and_small():
   a, _ = audio.log_mel(x + 0.1, jnp.asarray([3200]), key=jax.random.key(0))
   b, _ = audio.log_mel(x + 0.1, jnp.asarray([3200]), key=jax.random.key(1))
   assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+  rng = np.random.default_rng
+  x = np.full((1, 3200), 0.1, np.float32)
+  c, _ = audio.log_mel(x, np.asarray([3200]), key=rng(0))
+  d, _ = audio.log_mel(x, np.asarray([3200]), key=rng(1))
+  assert np.all(np.isfinite(c)) and not np.allclose(c, d)

@@ -19,8 +19,9 @@ step:
    the end), every third kept: ceil(frames / 3) steps of 240; padding
    steps zero.
 
-Everything is jax.numpy (it runs on numpy arrays on the host or jitted on
-a device) on a padded batch [B, samples] with per-utterance lengths.
+The functions take a padded batch [B, samples] with per-utterance
+lengths and compute with numpy on numpy arrays (host data workers) and with
+jax.numpy on anything else (jitted on a device).
 
 This is FilterbankFeatures + FrameSplicing of features.py (tests/
 test_audio_features.py rebuilds them from torch.stft and torchaudio's mel
@@ -108,51 +109,71 @@ def hann_window(length: int = WIN_LENGTH, n_fft: int = N_FFT) -> np.ndarray:
 def num_frames(lengths, hop: int = HOP_LENGTH):
   """Valid STFT frames of utterances of `lengths` samples: ceil(len / hop)
   (the reference's count)."""
-  return (jnp.asarray(lengths) + hop - 1) // hop
+  return (_array_module(lengths).asarray(lengths) + hop - 1) // hop
+
+
+def _array_module(x):
+  """numpy for numpy inputs (host workers), jax.numpy otherwise."""
+  return np if isinstance(x, np.ndarray) else jnp
 
 
 def log_mel(audio: jax.Array, lengths: jax.Array, *,
-            key: jax.Array | None = None, dither: float = DITHER,
-            preemph: float = PREEMPH, n_fft: int = N_FFT,
-            win_length: int = WIN_LENGTH, hop: int = HOP_LENGTH,
-            n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE
+            key: jax.Array | np.random.Generator | None = None,
+            dither: float = DITHER, preemph: float = PREEMPH,
+            n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
+            hop: int = HOP_LENGTH, n_mels: int = N_MELS,
+            sample_rate: int = SAMPLE_RATE
             ) -> tuple[jax.Array, jax.Array]:
   """Normalised log-mel features of a padded batch of audio.
+
+  Numpy inputs are computed with numpy (on the host, e.g. in data
+  workers), anything else with jax.numpy.
 
   Args:
     audio: [B, S] float samples (zeros past each length).
     lengths: [B] int samples per utterance.
-    key: PRNG key of the dither noise; None: no dither.
+    key: the dither noise's source, a PRNG key (jax) or a
+      np.random.Generator (numpy); None: no dither.
 
   Returns:
     (features [B, 1 + S // hop, n_mels] float32, frames [B] int32), the
     frames past each utterance's count set to 0.
   """
-  x = jnp.asarray(audio, jnp.float32)
-  lengths = jnp.asarray(lengths, jnp.int32)
+  xp = _array_module(audio)
+  x = xp.asarray(audio, np.float32)
+  lengths = xp.asarray(lengths, np.int32)
   if key is not None and dither > 0:
-    x = x + dither * jax.random.normal(key, x.shape, x.dtype)
+    if isinstance(key, np.random.Generator):
+      noise = key.standard_normal(x.shape, np.float32)
+    else:
+      noise = jax.random.normal(key, x.shape, x.dtype)
+    x = x + dither * noise
   if preemph:
-    x = jnp.concatenate([x[:, :1], x[:, 1:] - preemph * x[:, :-1]], axis=1)
+    x = xp.concatenate([x[:, :1], x[:, 1:] - preemph * x[:, :-1]], axis=1)
   pad = n_fft // 2
-  x = jnp.pad(x, ((0, 0), (pad, pad)), mode='reflect')
+  x = xp.pad(x, ((0, 0), (pad, pad)), mode='reflect')
   count = 1 + (x.shape[1] - n_fft) // hop
   index = (np.arange(count)[:, None] * hop + np.arange(n_fft)[None, :])
-  frames = x[:, index] * jnp.asarray(hann_window(win_length, n_fft))
-  spectrum = jnp.fft.rfft(frames, n=n_fft, axis=-1)
-  power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
-  fb = jnp.asarray(mel_filterbank(sample_rate, n_fft, n_mels))
-  mel = jnp.einsum('btf,mf->btm', power, fb,
-                   precision=jax.lax.Precision.HIGHEST)
-  feats = jnp.log(mel + LOG_ZERO_GUARD)
-  valid_frames = num_frames(lengths, hop).astype(jnp.int32)
-  valid = jnp.arange(count)[None, :] < valid_frames[:, None]        # [B, T]
-  n = jnp.maximum(valid_frames, 1)[:, None].astype(jnp.float32)
-  mean = jnp.sum(jnp.where(valid[..., None], feats, 0), axis=1) / n
-  var = jnp.sum(jnp.where(valid[..., None], (feats - mean[:, None]) ** 2, 0),
-                axis=1) / jnp.maximum(n - 1, 1)
-  feats = (feats - mean[:, None]) / (jnp.sqrt(var)[:, None] + NORM_EPS)
-  return jnp.where(valid[..., None], feats, 0), valid_frames
+  frames = x[:, index] * xp.asarray(hann_window(win_length, n_fft))
+  spectrum = xp.fft.rfft(frames, n=n_fft, axis=-1)
+  power = (xp.real(spectrum) ** 2 + xp.imag(spectrum) ** 2).astype(
+      np.float32)
+  fb = xp.asarray(mel_filterbank(sample_rate, n_fft, n_mels))
+  if xp is np:
+    mel = np.einsum('btf,mf->btm', power, fb)
+  else:
+    mel = jnp.einsum('btf,mf->btm', power, fb,
+                     precision=jax.lax.Precision.HIGHEST)
+  feats = xp.log(mel + LOG_ZERO_GUARD)
+  valid_frames = num_frames(lengths, hop).astype(np.int32)
+  valid = xp.arange(count)[None, :] < valid_frames[:, None]         # [B, T]
+  n = xp.maximum(valid_frames, 1)[:, None].astype(np.float32)
+  mean = xp.sum(xp.where(valid[..., None], feats, 0), axis=1) / n
+  var = xp.sum(xp.where(valid[..., None], (feats - mean[:, None]) ** 2, 0),
+               axis=1) / xp.maximum(n - 1, 1)
+  feats = (feats - mean[:, None]) / (xp.sqrt(var)[:, None] + NORM_EPS)
+  return (xp.where(valid[..., None], feats, 0).astype(np.float32),
+          valid_frames)
 
 
 def splice_frames(features: jax.Array, frames: jax.Array, *,
@@ -163,13 +184,14 @@ def splice_frames(features: jax.Array, frames: jax.Array, *,
   with frames t + 1 .. t + stacking - 1 (zeros past the end) on the
   feature axis, every `subsampling`-th kept; frames ceil(n / subsampling),
   steps past them zero. [B, T, F] -> [B, ceil(T / s), stacking * F]."""
+  xp = _array_module(features)
   parts = [features] + [
-      jnp.pad(features[:, n:], ((0, 0), (0, n), (0, 0)))
+      xp.pad(features[:, n:], ((0, 0), (0, n), (0, 0)))
       for n in range(1, stacking)]
-  x = jnp.concatenate(parts, axis=-1)[:, ::subsampling]
-  frames = (jnp.asarray(frames) + subsampling - 1) // subsampling
-  valid = jnp.arange(x.shape[1])[None, :] < frames[:, None]
-  return jnp.where(valid[..., None], x, 0), frames.astype(jnp.int32)
+  x = xp.concatenate(parts, axis=-1)[:, ::subsampling]
+  frames = (xp.asarray(frames) + subsampling - 1) // subsampling
+  valid = xp.arange(x.shape[1])[None, :] < frames[:, None]
+  return xp.where(valid[..., None], x, 0), frames.astype(np.int32)
 
 
 def features(audio: jax.Array, lengths: jax.Array, *,
