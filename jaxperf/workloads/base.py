@@ -400,6 +400,37 @@ class ShardMapDataParallel:
     return grads, out
 
 
+def accumulated_grads(grads_of, params: Any, batch: Mapping[str, jax.Array],
+                      num_micro: int, key: jax.Array | None = None):
+  """((loss, aux), grads) of a batch as the mean over `num_micro` micro-
+  batches (the reference's gradient accumulation), so a global batch
+  larger than the devices hold still takes one optimizer step.
+
+  `grads_of(params, micro_batch, key)` returns ((loss, aux dict), grads)
+  like jax.value_and_grad(..., has_aux=True); micro-batch i gets
+  fold_in(key, i). The batch's leading axis [B] is viewed as [B/n, n] so
+  each device keeps its own rows, and a scan runs over the second axis.
+  """
+  if num_micro == 1:
+    return grads_of(params, batch, key)
+  micro = jax.tree.map(
+      lambda x: jnp.swapaxes(
+          x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1),
+      dict(batch))
+
+  def body(total, xs):
+    i, mb = xs
+    out = grads_of(params, mb,
+                   None if key is None else jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, total, out), None
+
+  first = jax.eval_shape(grads_of, params,
+                         jax.tree.map(lambda x: x[0], micro), key)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+  return jax.tree.map(lambda x: x / num_micro, total)
+
+
 def batch_shape_key(batch: Mapping[str, Any], keys=None) -> tuple:
   """What tells a batch's compiled program apart: each array's shape
   without the leading (batch) axis, by key (of `keys`, default all). Takes

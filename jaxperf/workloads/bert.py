@@ -39,7 +39,8 @@ from jaxperf.errors import ConfigError
 from jaxperf.models import bert as bert_model
 from jaxperf.sharding import logical
 from jaxperf.sharding import mesh as mesh_lib
-from jaxperf.workloads.base import Schedule, TrainState, Workload
+from jaxperf.workloads.base import (Schedule, TrainState, Workload,
+                                    accumulated_grads)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -316,30 +317,9 @@ class Bert(Workload):
                            rng=key if has_dropout else None)
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    if n_acc == 1:
-      (loss, aux), grads = grads_of(state.params, batch, rng)
-      mlm_loss, nsp_loss = aux['mlm_loss'], aux['nsp_loss']
-    else:
-      # [B, ...] -> [B/n, n, ...] keeps each device's rows on it; the scan
-      # runs over the second axis.
-      micro = jax.tree.map(
-          lambda x: jnp.swapaxes(
-              x.reshape((x.shape[0] // n_acc, n_acc) + x.shape[1:]), 0, 1),
-          dict(batch))
-
-      def body(carry, xs):
-        i, mb = xs
-        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
-        acc_g, acc_l, acc_m, acc_n = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
-                acc_m + a['mlm_loss'], acc_n + a['nsp_loss']), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, loss, mlm_loss, nsp_loss), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(n_acc), micro))
-      grads = jax.tree.map(lambda g: g / n_acc, grads)
-      loss, mlm_loss, nsp_loss = (loss / n_acc, mlm_loss / n_acc,
-                                  nsp_loss / n_acc)
+    (loss, aux), grads = accumulated_grads(grads_of, state.params, batch,
+                                           n_acc, rng)
+    mlm_loss, nsp_loss = aux['mlm_loss'], aux['nsp_loss']
     updates, opt_state = self._tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'mlm_loss': mlm_loss, 'nsp_loss': nsp_loss,
