@@ -229,3 +229,39 @@ def dlrm_lr_schedule(base_lr: float, warmup_steps: int, decay_start_step: int,
     return jnp.where(s >= d + n, decayed(jnp.float32(d + n - 1)), lr)
 
   return schedule
+
+
+# ------------------------------------------------------------------ RNN-T
+
+
+def rnnt_lr_schedule(base_lr: float, steps_per_epoch: int,
+                     warmup_epochs: int, hold_epochs: int, exp_gamma: float,
+                     min_lr: float = 1e-5) -> Schedule:
+  """The MLPerf RNN-T reference's learning rate (its lr_policy) for the
+  0-based optimizer step t.
+
+  The reference sets the rate before each update from its 1-based step
+  s = t + 1 and 1-based epoch e = t // steps_per_epoch + 1:
+      a = (s + 1) / (W + 1)                     while s < W,
+      a = 1                                     while s < W + H,
+      a = exp_gamma ** (e - warmup_epochs - hold_epochs)   after,
+      lr = max(a * base_lr, min_lr),
+  with W = warmup_epochs * steps_per_epoch and H = hold_epochs *
+  steps_per_epoch.
+  """
+  if steps_per_epoch < 1:
+    raise ValueError(f'steps_per_epoch={steps_per_epoch}: expected >= 1')
+  warm = warmup_epochs * steps_per_epoch
+  hold = hold_epochs * steps_per_epoch
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.int32)
+    s = (t + 1).astype(jnp.float32)
+    epoch = (t // steps_per_epoch + 1).astype(jnp.float32)
+    decay = jnp.power(jnp.float32(exp_gamma),
+                      epoch - warmup_epochs - hold_epochs)
+    a = jnp.where(s < warm, (s + 1) / (warm + 1),
+                  jnp.where(s < warm + hold, 1.0, decay))
+    return jnp.maximum(a * base_lr, min_lr)
+
+  return schedule
