@@ -14,6 +14,7 @@ _REGISTRY = {
     'dlrm': 'jaxperf.workloads.dlrm:DLRM',
     'retinanet': 'jaxperf.workloads.retinanet:RetinaNet',
     'maskrcnn': 'jaxperf.workloads.maskrcnn:MaskRCNN',
+    'rnnt': 'jaxperf.workloads.rnnt:RNNT',
 }
 ALIASES = {'resnet': 'resnet50', 'ssd': 'retinanet'}
 
