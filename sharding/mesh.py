@@ -112,3 +112,16 @@ def check_batches_divide(config, n: int, mesh: Mesh, how: str) -> None:
       raise ConfigError(
           f'{key}={value}: the batch is split over {how} {n} devices of '
           f'--mesh {describe(mesh)}; it must be a multiple of {n}')
+
+
+def check_micro_batch_divides(config, accumulation: int, mesh: Mesh) -> None:
+  """ConfigError unless a micro-batch (global_batch_size / accumulation)
+  splits over the mesh's data-parallel devices."""
+  from jaxperf.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  micro = int(config.global_batch_size) // accumulation
+  n_data = data_parallel_size(mesh)
+  if micro % n_data:
+    raise ConfigError(
+        f'--mesh {describe(mesh)}: a micro-batch of {micro} '
+        f'(global_batch_size / gradient_accumulation_steps) does not split '
+        f'over the {n_data} data-parallel devices')

@@ -49,17 +49,12 @@ def tiny(tmp_path):
 
 @pytest.fixture(scope='module')
 def sp_model(tmp_path_factory):
-  """A tiny sentencepiece model with scripts/create_sentencepieces.sh's
-  options."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  path = tmp_path_factory.mktemp('sp')
-  text = path / 'txt.txt'
-  text.write_text('\n'.join(SP_TEXT * 20) + '\n')
-  spm.SentencePieceTrainer.train(
-      input=str(text), model_prefix=str(path / 'tiny'), vocab_size=48,
-      character_coverage=1.0, bos_id=-1, eos_id=-1, model_type='unigram',
-      minloglevel=2)
-  return str(path / 'tiny.model')
+  """A tiny sentencepiece model trained as the reference trains its
+  tokenizer (scripts/create_sentencepieces.sh's options)."""
+  path = str(tmp_path_factory.mktemp('sp') / 'tiny.model')
+  tok = ls.train_tokenizer(SP_TEXT * 20, path, vocab_size=48)
+  assert tok.num_labels == 48
+  return path
 
 
 # ---------------------------------------------------------------- manifests

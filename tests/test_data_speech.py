@@ -16,6 +16,7 @@ from jaxperf.data import speech
 from jaxperf.errors import ConfigError, DataError
 from jaxperf.workloads.rnnt import RNNT
 from tests.batches import assert_batches_equal, take
+from tests.test_data_librispeech import SP_TEXT
 
 SR = ls.SAMPLE_RATE
 SEED = 3
@@ -30,13 +31,6 @@ VOCAB = 48
 WORDS = ('he hoped there would be stew for dinner turnips and carrots '
          'bruised potatoes fat mutton pieces quick brown fox that jumps over '
          'the lazy dog speech recognition with a transducer').split()
-SP_TEXT = [
-    'he hoped there would be stew for dinner',
-    'turnips and carrots and bruised potatoes and fat mutton pieces',
-    "it's a quick brown fox that jumps over the lazy dog",
-    'speech recognition with a transducer',
-    'abcdefghijklmnopqrstuvwxyz',
-]
 
 
 def _utterance(rng, seconds, kind):
@@ -68,15 +62,8 @@ def tiny(tmp_path_factory):
   1.4-1.5 s over max_duration in each), a dev manifest of 10 and a
   sentencepiece model trained with the reference's options. Transcripts are
   distinct, so a label row tells its utterance."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp('librispeech')
-  os.makedirs(path / 'sentencepieces')
-  text = path / 'sp.txt'
-  text.write_text('\n'.join(SP_TEXT * 20) + '\n')
-  spm.SentencePieceTrainer.train(
-      input=str(text), model_prefix=str(path / TOKENIZER[:-len('.model')]),
-      vocab_size=VOCAB, character_coverage=1.0, bos_id=-1, eos_id=-1,
-      model_type='unigram', minloglevel=2)
+  ls.train_tokenizer(SP_TEXT * 20, str(path / TOKENIZER), vocab_size=VOCAB)
   rng = np.random.default_rng(0)
   taken = set()
   manifests = {}

@@ -66,20 +66,13 @@ def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
 
 
 def _sentencepiece(root, vocab_size=40):
-  """A small unigram model with the reference's options, at the config's
-  default path under the data directory."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  folder = root / 'sentencepieces'
-  folder.mkdir(parents=True)
-  text = folder / 'text.txt'
+  """A small tokenizer trained as the reference trains its own, at the
+  config's default path under the data directory."""
   rng = np.random.default_rng(0)
-  text.write_text('\n'.join(' '.join(rng.choice(WORDS, 8))
-                            for _ in range(200)) + '\n')
-  spm.SentencePieceTrainer.train(
-      input=str(text), model_prefix=str(folder / 'librispeech1023'),
-      vocab_size=vocab_size, character_coverage=1.0, bos_id=-1, eos_id=-1,
-      model_type='unigram')
-  return librispeech.Tokenizer(str(folder / 'librispeech1023.model'))
+  lines = [' '.join(rng.choice(WORDS, 8)) for _ in range(200)]
+  return librispeech.train_tokenizer(
+      lines, str(root / 'sentencepieces' / 'librispeech1023.model'),
+      vocab_size=vocab_size)
 
 
 def _entries(split, count, rng, seconds=(0.2, 0.6)):

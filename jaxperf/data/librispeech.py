@@ -402,6 +402,30 @@ class Tokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+def train_tokenizer(transcripts: Sequence[str], model_path: str, *,
+                    vocab_size: int = 1023) -> Tokenizer:
+  """Trains the reference's tokenizer on `transcripts` (its
+  create_sentencepieces.sh: a unigram sentencepiece model of 1023 pieces over
+  the training manifests' transcripts, full character coverage, no BOS/EOS)
+  and writes `model_path` (ending in .model) and its .vocab beside it."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if not model_path.endswith('.model'):
+    raise ValueError(f'{model_path}: expected a path ending in .model')
+  folder = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(folder, exist_ok=True)
+  text = model_path[:-len('.model')] + '.txt'
+  with open(text, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(transcripts) + '\n')
+  try:
+    spm.SentencePieceTrainer.train(
+        input=text, model_prefix=model_path[:-len('.model')],
+        vocab_size=vocab_size, character_coverage=1.0, bos_id=-1, eos_id=-1,
+        model_type='unigram', minloglevel=2)
+  finally:
+    os.remove(text)
+  return Tokenizer(model_path)
+
+
 class CharTokenizer:
   """One label per character of `labels` (for synthetic data).
 

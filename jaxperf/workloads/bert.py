@@ -166,13 +166,7 @@ class Bert(Workload):
     if self.model_cfg.num_heads % tensor:
       raise ConfigError(f'--mesh {mesh_lib.describe(mesh)}: tensor={tensor} '
                         f'does not divide num_heads={self.model_cfg.num_heads}')
-    micro = int(self.config.global_batch_size) // self.accumulation
-    n_data = mesh_lib.data_parallel_size(mesh)
-    if micro % n_data:
-      raise ConfigError(
-          f'--mesh {mesh_lib.describe(mesh)}: a micro-batch of {micro} '
-          f'(global_batch_size / gradient_accumulation_steps) does not split '
-          f'over the {n_data} data-parallel devices')
+    mesh_lib.check_micro_batch_divides(self.config, self.accumulation, mesh)
     self.mesh = mesh
     self.model = self._build_model(mesh)
 

@@ -205,13 +205,7 @@ class RNNT(Workload):
     if other:
       raise ConfigError(f'--mesh {mesh_lib.describe(mesh)}: rnnt is data '
                         f'parallel only; axes {other} would split the model')
-    micro = int(self.config.global_batch_size) // self.accumulation
-    n_data = mesh_lib.data_parallel_size(mesh)
-    if micro % n_data:
-      raise ConfigError(
-          f'--mesh {mesh_lib.describe(mesh)}: a micro-batch of {micro} '
-          f'(global_batch_size / gradient_accumulation_steps) does not split '
-          f'over the {n_data} data-parallel devices')
+    mesh_lib.check_micro_batch_divides(self.config, self.accumulation, mesh)
     self.mesh = mesh
 
   def _dp_axes(self) -> tuple[str, ...]:
