@@ -17,8 +17,8 @@ a finished game, +-1 by the score) is then added to W and 1 to N of every
 edge on the path to the root. After a pass, the double pass is always read
 first. Dirichlet noise over the legal moves is mixed into the root's priors
 once the root is expanded. The move played is sampled in proportion to the
-root's visit counts for the first `soft_pick_cutoff` moves of a game and is
-the most visited one after.
+root's visit counts ** 0.98 (board points only) for the opening moves of a
+game and is the most visited one after (`pick_move`).
 
 The tree is a set of fixed-size arrays (one node per readout), so a search
 is a `lax.fori_loop` of readouts, each a `lax.while_loop` down the tree,
@@ -221,14 +221,24 @@ def search(game: Game, evaluate: Callable, state: Any, key: jax.Array,
 
 
 def pick_move(game: Game, tree: Tree, key: jax.Array,
-              soft_pick: jax.Array | bool) -> jax.Array:
-  """The move to play: with `soft_pick`, sampled in proportion to the
-  root's visit counts (the reference's SoftPickMove for the opening);
-  otherwise the most visited, ties broken by action score
-  (GetMostVisitedMove)."""
+              soft_pick: jax.Array | bool, *, softmax_temp: float = 0.98
+              ) -> jax.Array:
+  """The move to play.
+
+  With `soft_pick` (the opening), the reference's SoftPickMove: a board
+  point sampled in proportion to child_N ** softmax_temp (0.98), the pass
+  excluded unless no point was read at all. Otherwise the most visited
+  move, ties broken by action score (GetMostVisitedMove).
+  """
+  pass_a = game.num_actions - 1 if game.pass_action is None else \
+      game.pass_action
   n = tree.edge_n[0]
-  sampled = jax.random.categorical(
-      key, jnp.where(n > 0, jnp.log(jnp.maximum(n, 1e-30)), -jnp.inf))
+  weight = jnp.where(jnp.arange(n.shape[0]) == pass_a, 0.0,
+                     jnp.power(n, softmax_temp))
+  sampled = jnp.where(
+      jnp.sum(weight) > 0,
+      jax.random.categorical(key, jnp.where(weight > 0, jnp.log(
+          jnp.maximum(weight, 1e-30)), -jnp.inf)), pass_a)
   to_play = game.to_play(_get(tree.states, 0)).astype(jnp.float32)
   scores = action_scores(tree, 0, to_play)
   best = jnp.argmax(jnp.where(n == jnp.max(n), scores, -jnp.inf))
