@@ -102,3 +102,56 @@ def test_dirichlet_noise_only_on_legal_moves_and_soft_pick_samples():
   weight = np.asarray(tree.edge_n[0])[:2] ** 0.98
   np.testing.assert_allclose(freq[:2], weight / weight.sum(), atol=0.04)
   assert freq[2] == 0
+
+
+def _features(s):
+  return jnp.stack([s['total'], s['to_play']]).astype(jnp.float32)
+
+
+def test_selfplay_with_search_wins_the_won_game_and_records_it():
+  """From 0 the first player (black) has a forced win: self-play with the
+  search finds it in every game; the record holds one row per move."""
+  from jaxperf.rl import selfplay  # pylint: disable=g-import-not-at-top
+  game = _race_game()
+  cfg = selfplay.PlayConfig(max_moves=8, search=mcts.SearchConfig(
+      num_readouts=200, inject_noise=False))
+  out = jax.jit(lambda k: selfplay.play(game, [_uniform], _features,
+                                        _state(0), k, 6, cfg))(
+      jax.random.key(0))
+  np.testing.assert_array_equal(out['result'], 1)
+  moves = np.asarray(out['moves'])
+  valid = np.asarray(out['valid'])
+  np.testing.assert_array_equal(valid.sum(0), moves)
+  for g in range(6):
+    rows = np.asarray(out['policy'])[:moves[g], g]
+    np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out['to_play'])[:moves[g], g],
+                                  [1, -1] * (moves[g] // 2)
+                                  + [1] * (moves[g] % 2))
+  assert np.all(np.asarray(out['final']['total']) >= TARGET)
+
+
+def test_match_gives_each_side_its_own_network_and_resigns():
+  """Two networks: with one readout each plays its prior's favourite (A:
+  +1, B: +2), so the final totals tell who played black; a player whose
+  value is below its threshold resigns at once."""
+  from jaxperf.rl import selfplay  # pylint: disable=g-import-not-at-top
+  game = _race_game()
+  prefers_two = lambda s: (jnp.asarray([0.01, 0.99, 0.0]), jnp.float32(0.0))
+  cfg = selfplay.PlayConfig(max_moves=10, search=mcts.SearchConfig(
+      num_readouts=1, inject_noise=False))
+  out = selfplay.play(game, [_uniform, prefers_two], _features, _state(0),
+                      jax.random.key(1), 2, cfg, black=jnp.asarray([0, 1]),
+                      record=False)
+  # A black: 1, 3, 4, 6, 7; B black: 2, 3, 5, 6, 8.
+  np.testing.assert_array_equal(out['final']['total'], [7, 8])
+  np.testing.assert_array_equal(out['result'], [1, 1])
+  # A network sure that white wins: after one readout the root's value
+  # is W / (1 + N) = -0.5, below the first game's threshold.
+  gloomy = lambda s: (jnp.full((3,), 1 / 3), jnp.float32(-1.0))
+  out = selfplay.play(game, [gloomy], _features, _state(0),
+                      jax.random.key(2), 2, cfg,
+                      resign_threshold=jnp.asarray([-0.4, -1.0]),
+                      record=False)
+  np.testing.assert_array_equal(out['resigned'], [True, False])
+  assert int(out['result'][0]) == -1 and int(out['moves'][0]) == 0
