@@ -308,7 +308,9 @@ def loss(params, logits, value, pi, z, *,
     logits: [B, N*N + 1] policy logits.
     value: [B] value output (after tanh).
     pi: [B, N*N + 1] target policy (search visit distribution).
-    z: [B] game result from the player to move's view, +-1.
+    z: [B] the game's result from black's point of view, +-1 (the
+      reference's 'outcome', the same for every position of a game; the
+      value, like the search's, is black's).
     l2_strength: the L2 coefficient.
     value_cost_weight: weight of the value MSE.
 
