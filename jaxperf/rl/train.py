@@ -1,0 +1,122 @@
+"""MiniGo's network training on self-play positions, as the reference's
+train.py does it.
+
+* Optimizer: momentum SGD (TF MomentumOptimizer: v = 0.9 v + g, w -= lr v)
+  on a piecewise-constant learning rate (`piecewise_lr`, TF's
+  piecewise_constant: rates[0] up to and including boundaries[0], rates[1]
+  up to boundaries[1], ...).
+* Loss: models.minigo.loss (policy cross-entropy against the search's visit
+  distribution, 0.5 x the value MSE against the game's result, 1e-4 x L2).
+* Augmentation: each example is transformed by one of the board's 8
+  symmetries, drawn at random (the reference's random rotations), features
+  and policy alike (`symmetry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxperf.models import minigo as minigo_model
+
+NUM_SYMMETRIES = 8
+
+
+def piecewise_lr(boundaries: Sequence[int], rates: Sequence[float]):
+  """TF's piecewise_constant of the (0-based) global step."""
+  if len(rates) != len(boundaries) + 1:
+    raise ValueError(f'{len(rates)} rates for {len(boundaries)} boundaries: '
+                     f'expected one more rate than boundaries')
+  b = jnp.asarray(list(boundaries), jnp.int32)
+  r = jnp.asarray(list(rates), jnp.float32)
+
+  def schedule(step):
+    return r[jnp.searchsorted(b, jnp.asarray(step, jnp.int32), side='left')]
+
+  return schedule
+
+
+def symmetry(planes: jax.Array, policy: jax.Array, k: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+  """Board symmetry k (0..7: k % 4 quarter turns, then a transpose if
+  k >= 4) applied to features [N, N, C] and a policy [N * N + 1] (the pass
+  stays last)."""
+  n = planes.shape[0]
+  board = policy[:-1].reshape(n, n)
+
+  def apply(x, k):
+    branches = [lambda x, t=t: jnp.rot90(x, t, axes=(0, 1)) for t in range(4)]
+    x = jax.lax.switch(k % 4, branches, x)
+    return jax.lax.cond(k >= 4, lambda x: jnp.swapaxes(x, 0, 1), lambda x: x,
+                        x)
+
+  return apply(planes, k), jnp.concatenate([apply(board, k).reshape(-1),
+                                            policy[-1:]])
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def optimizer(boundaries, rates, momentum: float = 0.9):
+  return optax.sgd(piecewise_lr(boundaries, rates), momentum=momentum)
+
+
+def init(model: minigo_model.MiniGo, tx, key: jax.Array) -> TrainState:
+  n = model.board_size
+  variables = model.init(key, jnp.zeros((1, n, n, model.input_planes)),
+                         train=False)
+  return TrainState(step=jnp.zeros([], jnp.int32),
+                    params=variables['params'],
+                    batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(variables['params']))
+
+
+def train_step(model: minigo_model.MiniGo, tx, state: TrainState,
+               batch: dict[str, jax.Array], key: jax.Array, *,
+               l2_strength: float = minigo_model.L2_STRENGTH,
+               value_cost_weight: float = minigo_model.VALUE_COST_WEIGHT,
+               augment: bool = True) -> tuple[TrainState, dict[str, Any]]:
+  """One update on `batch` ({'features' [B, N, N, C], 'policy' [B, A],
+  'result' [B] (black's)}), each example under a random symmetry."""
+  feats, pi = batch['features'], batch['policy']
+  if augment:
+    ks = jax.random.randint(key, (feats.shape[0],), 0, NUM_SYMMETRIES)
+    feats, pi = jax.vmap(symmetry)(feats, pi, ks)
+
+  def loss_fn(params):
+    (logits, value), updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, feats,
+        train=True, mutable=['batch_stats'])
+    parts = minigo_model.loss(params, logits, value, pi,
+                              batch['result'].astype(jnp.float32),
+                              l2_strength=l2_strength,
+                              value_cost_weight=value_cost_weight)
+    return parts['combined_cost'], (parts, updates['batch_stats'])
+
+  grads, (parts, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                       opt_state=opt_state), parts
+
+
+def evaluator(model: minigo_model.MiniGo, variables: dict[str, Any]):
+  """The network as the search wants it: one game's state -> (move
+  probabilities, value for black), in inference mode."""
+  from jaxperf.rl import go  # pylint: disable=g-import-not-at-top
+
+  def evaluate(state):
+    x = go.features(state)[None]
+    logits, value = model.apply(variables, x, train=False)
+    return jax.nn.softmax(logits[0].astype(jnp.float32)), value[0]
+
+  return evaluate
