@@ -707,3 +707,52 @@ _clamp_gradient_impl.defvjp(_clamp_fwd, _clamp_bwd)
 def _clamp_gradient(x: jax.Array, clamp: float) -> jax.Array:
   """x, with its gradient clamped to [-clamp, clamp]."""
   return _clamp_gradient_impl(x, jnp.asarray(clamp, x.dtype))
+
+
+# ------------------------------------------------------------------ MiniGo
+
+
+def minigo_l2_penalty(params) -> jax.Array:
+  """sum(w^2) / 2 over the reference's regularised tensors.
+
+  Every trainable tensor but biases and BN offsets (TF: names without 'bias'
+  or 'beta'): conv and dense kernels and BN scales.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = jnp.zeros((), jnp.float32)
+  for path, leaf in flat:
+    if path[-1].key != 'bias':
+      total = total + 0.5 * jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+  return total
+
+
+def minigo_losses(params, logits, value, pi, z, *,
+         l2_strength: float = 1e-4,
+         value_cost_weight: float = 0.5) -> dict[str, jax.Array]:
+  """MiniGo's cost (dual_net.py model_fn) and its parts: policy cross-
+  entropy + value_cost_weight (0.5 in MLPerf) x value MSE + l2_strength
+  (1e-4) x minigo_l2_penalty.
+
+  Args:
+    params: the model's 'params' collection (for the L2 term).
+    logits: [B, N*N + 1] policy logits.
+    value: [B] value output (after tanh).
+    pi: [B, N*N + 1] target policy (search visit distribution).
+    z: [B] the game's result from black's point of view, +-1 (the
+      reference's 'outcome', the same for every position of a game; the
+      value, like the search's, is black's).
+    l2_strength: the L2 coefficient.
+    value_cost_weight: weight of the value MSE.
+
+  Returns:
+    {'policy_cost', 'value_cost', 'l2_cost', 'combined_cost'}.
+  """
+  logits = logits.astype(jnp.float32)
+  policy_cost = jnp.mean(-jnp.sum(
+      jax.lax.stop_gradient(pi) * jax.nn.log_softmax(logits), axis=-1))
+  value_cost = value_cost_weight * jnp.mean(
+      jnp.square(value.astype(jnp.float32) - z))
+  l2_cost = l2_strength * minigo_l2_penalty(params)
+  return {'policy_cost': policy_cost, 'value_cost': value_cost,
+          'l2_cost': l2_cost,
+          'combined_cost': policy_cost + value_cost + l2_cost}

@@ -28,12 +28,7 @@ reference's order with input_layout=nhwc; a checkpoint trained with
 input_layout=nchw (the 19x19 flags' choice, a tunable that changes no math)
 has its head dense kernels' rows in (channel, row, column) order instead.
 
-The loss (dual_net.py, model_fn) is the mean softmax cross-entropy of the
-policy logits against the search's visit distribution, plus
-value_cost_weight (0.5 in MLPerf) times the mean squared error of the value
-against the game result, plus l2_strength (1e-4) times sum(w^2) / 2 over
-every trainable tensor whose TF name contains neither 'bias' nor 'beta'
-(conv and dense kernels and BN gammas).
+The loss is jaxperf.losses.minigo_losses.
 
 TensorFlow names layers in creation order (conv2d, conv2d_1, ...;
 batch_normalization, batch_normalization_1, ...; dense, dense_1, dense_2);
@@ -69,8 +64,6 @@ POLICY_CONV_WIDTH = 2
 VALUE_CONV_WIDTH = 1
 BN_MOMENTUM = 0.95
 BN_EPSILON = 1e-5
-L2_STRENGTH = 1e-4
-VALUE_COST_WEIGHT = 0.5
 
 glorot_uniform = nn.initializers.glorot_uniform()
 
@@ -282,47 +275,3 @@ def checker_tensor_names(trunk_layers: int = TRUNK_LAYERS) -> list[str]:
     else:
       names += [f'{tf_name}/kernel', f'{tf_name}/bias']
   return names + ['global_step']
-
-
-def l2_penalty(params) -> jax.Array:
-  """sum(w^2) / 2 over the reference's regularised tensors.
-
-  Every trainable tensor but biases and BN offsets (TF: names without 'bias'
-  or 'beta'): conv and dense kernels and BN scales.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  total = jnp.zeros((), jnp.float32)
-  for path, leaf in flat:
-    if path[-1].key != 'bias':
-      total = total + 0.5 * jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-  return total
-
-
-def loss(params, logits, value, pi, z, *,
-         l2_strength: float = L2_STRENGTH,
-         value_cost_weight: float = VALUE_COST_WEIGHT) -> dict[str, jax.Array]:
-  """The reference's combined cost and its parts.
-
-  Args:
-    params: the model's 'params' collection (for the L2 term).
-    logits: [B, N*N + 1] policy logits.
-    value: [B] value output (after tanh).
-    pi: [B, N*N + 1] target policy (search visit distribution).
-    z: [B] the game's result from black's point of view, +-1 (the
-      reference's 'outcome', the same for every position of a game; the
-      value, like the search's, is black's).
-    l2_strength: the L2 coefficient.
-    value_cost_weight: weight of the value MSE.
-
-  Returns:
-    {'policy_cost', 'value_cost', 'l2_cost', 'combined_cost'}.
-  """
-  logits = logits.astype(jnp.float32)
-  policy_cost = jnp.mean(-jnp.sum(
-      jax.lax.stop_gradient(pi) * jax.nn.log_softmax(logits), axis=-1))
-  value_cost = value_cost_weight * jnp.mean(
-      jnp.square(value.astype(jnp.float32) - z))
-  l2_cost = l2_strength * l2_penalty(params)
-  return {'policy_cost': policy_cost, 'value_cost': value_cost,
-          'l2_cost': l2_cost,
-          'combined_cost': policy_cost + value_cost + l2_cost}

@@ -13,6 +13,7 @@ torch = pytest.importorskip(
     'torch', reason="the parity tests need the 'compare' extra (PyTorch); "
     "pip install -e '.[test]' installs it")
 
+from jaxperf import losses  # noqa: E402
 from jaxperf.models import minigo  # noqa: E402
 from jaxperf.torch_models import minigo as torch_minigo  # noqa: E402
 
@@ -158,7 +159,7 @@ def test_loss_gradients_match_torch():
     (logits, value), _ = model.apply(
         {'params': params, 'batch_stats': variables['batch_stats']},
         jnp.asarray(x), train=True, mutable=['batch_stats'])
-    return minigo.loss(params, logits, value, jnp.asarray(pi),
+    return losses.minigo_losses(params, logits, value, jnp.asarray(pi),
                        jnp.asarray(z))['combined_cost']
 
   loss, grads = jax.value_and_grad(loss_fn)(variables['params'])
@@ -192,7 +193,7 @@ def test_l2_term_skips_biases_and_bn_offsets():
   expected = sum(0.5 * float(jnp.sum(jnp.square(v)))
                  for layer in params.values() for k, v in layer.items()
                  if k != 'bias')
-  np.testing.assert_allclose(float(minigo.l2_penalty(params)), expected,
+  np.testing.assert_allclose(float(losses.minigo_l2_penalty(params)), expected,
                              rtol=1e-6)
 
 

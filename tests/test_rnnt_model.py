@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxperf import interop
+from jaxperf import decoding, interop
 from jaxperf.models import rnnt
 
 torch = pytest.importorskip('torch')
@@ -112,7 +112,7 @@ def test_prediction_steps_equal_the_whole_sequence():
   _, model, variables = _pair(1)
   y = jnp.asarray([[3, 7, 1, 0], [5, 5, 2, 9]], jnp.int32)
   whole = model.apply(variables, y, method='predict')
-  carry = rnnt.zero_carry(model, 2)
+  carry = decoding.zero_carry(model, 2)
   prev = jnp.zeros((2,), jnp.int32)
   for k in range(5):
     g, carry = model.apply(variables, prev, carry, start=jnp.full(
@@ -176,7 +176,7 @@ def test_greedy_decoding_is_the_references(caps):
   x = rng.normal(size=(b, t, SMALL['in_features'])).astype(np.float32)
   lens = np.asarray([16, 11, 3, 1], np.int32)
   per_step, per_sample = caps
-  labels, counts = jax.jit(lambda v, x, l: rnnt.greedy_decode(
+  labels, counts = jax.jit(lambda v, x, l: decoding.greedy_decode(
       model, v, x, l, max_symbols_per_step=per_step,
       max_symbols_per_sample=per_sample))(variables, jnp.asarray(x), lens)
   with torch.no_grad():

@@ -5,7 +5,7 @@ train.py does it.
   on a piecewise-constant learning rate (`piecewise_lr`, TF's
   piecewise_constant: rates[0] up to and including boundaries[0], rates[1]
   up to boundaries[1], ...).
-* Loss: models.minigo.loss (policy cross-entropy against the search's visit
+* Loss: losses.minigo_losses (policy cross-entropy against the search's visit
   distribution, 0.5 x the value MSE against the game's result, 1e-4 x L2).
 * Augmentation: each example is transformed by one of the board's 8
   symmetries, drawn at random (the reference's random rotations), features
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxperf import losses
 from jaxperf.models import minigo as minigo_model
 
 NUM_SYMMETRIES = 8
@@ -82,8 +83,8 @@ def init(model: minigo_model.MiniGo, tx, key: jax.Array) -> TrainState:
 
 def train_step(model: minigo_model.MiniGo, tx, state: TrainState,
                batch: dict[str, jax.Array], key: jax.Array, *,
-               l2_strength: float = minigo_model.L2_STRENGTH,
-               value_cost_weight: float = minigo_model.VALUE_COST_WEIGHT,
+               l2_strength: float = 1e-4,
+               value_cost_weight: float = 0.5,
                augment: bool = True) -> tuple[TrainState, dict[str, Any]]:
   """One update on `batch` ({'features' [B, N, N, C], 'policy' [B, A],
   'result' [B] (black's)}), each example under a random symmetry."""
@@ -96,7 +97,7 @@ def train_step(model: minigo_model.MiniGo, tx, state: TrainState,
     (logits, value), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, feats,
         train=True, mutable=['batch_stats'])
-    parts = minigo_model.loss(params, logits, value, pi,
+    parts = losses.minigo_losses(params, logits, value, pi,
                               batch['result'].astype(jnp.float32),
                               l2_strength=l2_strength,
                               value_cost_weight=value_cost_weight)

@@ -17,7 +17,7 @@ scripts/train.sh):
   reference's warmup (6 epochs) / hold (40) / exponential decay (0.935 an
   epoch, floor 1e-5), `optim.rnnt_lr_schedule`;
 * evaluation: an exponential moving average of the weights (0.999, updated
-  after every step) decodes greedily (jaxperf.models.rnnt.greedy_decode,
+  after every step) decodes greedily (jaxperf.decoding.greedy_decode,
   300 symbols per utterance at most); WER by jaxperf.metrics.wer over the
   detokenized transcripts.
 
@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxperf import losses, optim
+from jaxperf import decoding, losses, optim
 from jaxperf.config import Config
 from jaxperf.errors import ConfigError, DataError
 from jaxperf.models import rnnt as rnnt_model
@@ -296,7 +296,7 @@ class RNNT(Workload):
     c = self.config
 
     def decode(params, features, lengths):
-      return rnnt_model.greedy_decode(
+      return decoding.greedy_decode(
           self.model, {'params': params}, features, lengths,
           max_symbols_per_step=int(c.max_symbols_per_step),
           max_symbols_per_sample=int(c.max_symbols_per_sample))
