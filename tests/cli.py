@@ -49,3 +49,16 @@ def read_metrics(workdir) -> list[dict]:
 def train_losses(workdir) -> dict[int, float]:
   return {r['step']: r['loss'] for r in read_metrics(workdir)
           if r.get('kind') == 'train'}
+
+
+def mllog_lines(path) -> list[dict]:
+  """The MLLOG records of an MLPerf log file."""
+  with open(path) as f:
+    return [json.loads(l.split(':::MLLOG ', 1)[1]) for l in f
+            if ':::MLLOG' in l]
+
+
+def set_args(overrides: dict) -> list[str]:
+  """--set k=v arguments (values as JSON) for a dict of config overrides."""
+  return [a for k, v in overrides.items()
+          for a in ('--set', f'{k}={json.dumps(v)}')]

@@ -31,17 +31,6 @@ TINY = {'base_width': 8, 'fpn_channels': 16, 'representation_size': 32,
         'mask_resolution': 28}
 
 
-def _log_lines(path):
-  with open(path) as f:
-    return [json.loads(l.split(':::MLLOG ', 1)[1]) for l in f
-            if ':::MLLOG' in l]
-
-
-def _sets(overrides):
-  return [a for k, v in overrides.items()
-          for a in ('--set', f'{k}={json.dumps(v)}')]
-
-
 def test_default_smoke_run_reaches_targets_and_passes_checker(tmp_path):
   """What a new user runs: nothing but --model (and a workdir)."""
   cfg = load_config('maskrcnn', 'smoke')
@@ -60,7 +49,7 @@ def test_default_smoke_run_reaches_targets_and_passes_checker(tmp_path):
                  e['SEGM'] >= cfg.target_mask_accuracy for e in evals[:-1])
   assert all(e['eval_images'] == cfg.synthetic_eval_samples for e in evals)
   log = str(workdir / 'mlperf_log.txt')
-  lines = _log_lines(log)
+  lines = cli.mllog_lines(log)
   values = {l['key']: l['value'] for l in lines}
   assert values['submission_benchmark'] == 'maskrcnn'
   assert values['opt_name'] == 'sgd_with_momentum'
@@ -104,7 +93,7 @@ def test_reference_files_closed_log_on_8_devices_fails_only_on_accuracy(
   proc = cli.run_train(
       '--model', 'maskrcnn', '--config', 'smoke', '--data-dir', str(data),
       '--workdir', str(workdir), '--set', 'division=closed',
-      '--set', 'seed=3', *_sets(TINY),
+      '--set', 'seed=3', *cli.set_args(TINY),
       '--set', 'num_image_candidates=1000', '--set', 'global_batch_size=8',
       '--set', 'eval_batch_size=8', '--set', 'train_epochs=1',
       '--set', 'eval_every_epochs=1', timeout=900, **EIGHT)
@@ -112,7 +101,7 @@ def test_reference_files_closed_log_on_8_devices_fails_only_on_accuracy(
   assert 'SYNTHETIC' not in proc.stdout and 'run_stop: aborted' in proc.stdout
   assert 'data=8 over 8' in proc.stdout
   log = str(workdir / 'mlperf_log.txt')
-  lines = _log_lines(log)
+  lines = cli.mllog_lines(log)
   values = {l['key']: l['value'] for l in lines}
   assert values['eval_samples'] == 8
   assert values['num_image_candidates'] == 1000
@@ -136,7 +125,7 @@ def test_bad_input_is_a_clear_error(tmp_path, case):
   wrong and what was expected."""
   data = _write_dataset(tmp_path / 'coco', num_train=4, num_eval=2,
                         rle=False)
-  args = ['--set', 'num_classes=4', *_sets(TINY)]
+  args = ['--set', 'num_classes=4', *cli.set_args(TINY)]
   if case == 'missing_image':
     js = json.loads((data / 'annotations' /
                      'instances_train2017.json').read_text())
@@ -144,7 +133,7 @@ def test_bad_input_is_a_clear_error(tmp_path, case):
     (data / 'train2017' / name).unlink()
     want = [name]
   elif case == 'class_count':
-    args = ['--set', 'num_classes=3', *_sets(TINY)]
+    args = ['--set', 'num_classes=3', *cli.set_args(TINY)]
     want = ['num_classes=3', '3 categories', 'num_classes=4']
   elif case == 'no_bucket':
     args += ['--set', 'buckets=[[64, 64]]']

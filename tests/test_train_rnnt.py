@@ -28,17 +28,6 @@ TINY = {'enc_hidden': 16, 'enc_pre_layers': 1, 'enc_post_layers': 1,
         'data_workers': 2}
 
 
-def _log_lines(path):
-  with open(path) as f:
-    return [json.loads(l.split(':::MLLOG ', 1)[1]) for l in f
-            if ':::MLLOG' in l]
-
-
-def _sets(overrides):
-  return [a for k, v in overrides.items()
-          for a in ('--set', f'{k}={json.dumps(v)}')]
-
-
 def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
   """What a new user runs: nothing but --model (and a workdir)."""
   cfg = load_config('rnnt', 'smoke')
@@ -54,7 +43,7 @@ def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
   assert all(e['eval_utterances'] == cfg.synthetic_eval_samples
              for e in evals)
   log = str(workdir / 'mlperf_log.txt')
-  lines = _log_lines(log)
+  lines = cli.mllog_lines(log)
   values = {l['key']: l['value'] for l in lines}
   assert values['submission_benchmark'] == 'rnnt'
   assert values['opt_name'] == 'lamb'
@@ -109,7 +98,7 @@ def test_reference_files_closed_log_on_8_devices_fails_only_on_accuracy(
       '--model', 'rnnt', '--config', 'smoke', '--data-dir', str(data),
       '--workdir', str(workdir), '--set', 'division=closed',
       '--set', 'speed_perturbation=[0.85, 1.15]', '--set', 'seed=3',
-      *_sets(TINY),
+      *cli.set_args(TINY),
       '--set', f'num_classes={tok.num_labels + 1}',
       '--set', 'train_manifests=["librispeech-train-clean-100-wav.json"]',
       '--set', 'global_batch_size=16', '--set', 'gradient_accumulation_steps=2',
@@ -120,7 +109,7 @@ def test_reference_files_closed_log_on_8_devices_fails_only_on_accuracy(
   assert 'SYNTHETIC' not in proc.stdout and 'run_stop: aborted' in proc.stdout
   assert 'data=8 over 8' in proc.stdout
   log = str(workdir / 'mlperf_log.txt')
-  lines = _log_lines(log)
+  lines = cli.mllog_lines(log)
   values = {l['key']: l['value'] for l in lines}
   assert values['eval_samples'] == 2703
   assert values['train_samples'] == 32
@@ -165,7 +154,7 @@ def test_bad_input_is_a_clear_error(tmp_path, case):
     want = [f'num_classes={classes}', f'{tok.num_labels} labels']
   proc = cli.run_train(
       '--model', 'rnnt', '--data-dir', str(data),
-      '--workdir', str(tmp_path / 'run'), *_sets(TINY),
+      '--workdir', str(tmp_path / 'run'), *cli.set_args(TINY),
       '--set', f'num_classes={classes}',
       '--set', 'train_manifests=["librispeech-train-clean-100-wav.json"]',
       '--set', 'global_batch_size=4', '--set', 'eval_batch_size=4',
