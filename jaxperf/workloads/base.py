@@ -400,6 +400,19 @@ class ShardMapDataParallel:
     return grads, out
 
 
+def accumulation_steps(config: Config) -> int:
+  """gradient_accumulation_steps, checked: a positive divisor of
+  global_batch_size (ConfigError otherwise)."""
+  from jaxperf.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  n = int(config.gradient_accumulation_steps)
+  if n < 1 or int(config.global_batch_size) % n:
+    raise ConfigError(
+        f'gradient_accumulation_steps={config.gradient_accumulation_steps}: '
+        f'expected a positive divisor of global_batch_size='
+        f'{config.global_batch_size}')
+  return n
+
+
 def accumulated_grads(grads_of, params: Any, batch: Mapping[str, jax.Array],
                       num_micro: int, key: jax.Array | None = None):
   """((loss, aux), grads) of a batch as the mean over `num_micro` micro-

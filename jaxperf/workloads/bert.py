@@ -40,7 +40,7 @@ from jaxperf.models import bert as bert_model
 from jaxperf.sharding import logical
 from jaxperf.sharding import mesh as mesh_lib
 from jaxperf.workloads.base import (Schedule, TrainState, Workload,
-                                    accumulated_grads)
+                                    accumulated_grads, accumulation_steps)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -94,13 +94,7 @@ class Bert(Workload):
         int(c.max_predictions_per_seq), self.max_sequences)
     if int(c.max_steps) < 1:
       raise ConfigError(f'max_steps={c.max_steps}: expected >= 1')
-    self.accumulation = int(c.gradient_accumulation_steps)
-    if (self.accumulation < 1
-        or int(c.global_batch_size) % self.accumulation):
-      raise ConfigError(
-          f'gradient_accumulation_steps={c.gradient_accumulation_steps}: '
-          f'expected a positive divisor of global_batch_size='
-          f'{c.global_batch_size}')
+    self.accumulation = accumulation_steps(c)
     self.rules = logical.merge_rules(logical.TRANSFORMER_RULES,
                                      c.logical_axis_rules,
                                      flag='logical_axis_rules')

@@ -42,7 +42,8 @@ from jaxperf.config import Config
 from jaxperf.errors import ConfigError, DataError
 from jaxperf.models import rnnt as rnnt_model
 from jaxperf.workloads.base import (ReplicatedEval, Schedule, TrainState,
-                                    Workload, accumulated_grads)
+                                    Workload, accumulated_grads,
+                                    accumulation_steps)
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
            'float16': jnp.float16}
@@ -74,13 +75,7 @@ class RNNT(Workload):
     if int(c.num_classes) < 2:
       raise ConfigError(f'num_classes={c.num_classes}: expected >= 2 (labels '
                         f'and the blank)')
-    self.accumulation = int(c.gradient_accumulation_steps)
-    if (self.accumulation < 1
-        or int(c.global_batch_size) % self.accumulation):
-      raise ConfigError(
-          f'gradient_accumulation_steps={c.gradient_accumulation_steps}: '
-          f'expected a positive divisor of global_batch_size='
-          f'{c.global_batch_size}')
+    self.accumulation = accumulation_steps(c)
     if not 0.0 <= float(c.ema) < 1.0:
       raise ConfigError(f'ema={c.ema}: expected a decay in [0, 1)')
     speed = c.speed_perturbation
