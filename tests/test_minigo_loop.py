@@ -3,6 +3,8 @@ into the window, training on a sample of them, a match against a target."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -47,6 +49,30 @@ def test_one_generation_on_a_small_board():
                                trunk_layers=1)
   tvars = target.init(jax.random.key(5), np.zeros((1, 5, 5, 13)))
   rate = gens.win_rate({'params': state.params,
-                        'batch_stats': state.batch_stats}, target, tvars,
+                        'batch_stats': state.batch_stats},
+                       functools.partial(mtrain.evaluator, target), tvars,
                        jax.random.key(6))
   assert rate in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_bootstrap_games_are_the_random_models_without_passes():
+  cfg = loop.LoopConfig(board_size=5, komi=0.5, max_moves=30,
+                        games_per_generation=4, parallel_games=4,
+                        bootstrap_readouts=6, soft_pick_moves=2)
+  model = minigo_model.MiniGo(board_size=5, conv_width=8, fc_width=8,
+                              trunk_layers=1)
+  gens = loop.Generations(model, cfg)
+  rng = np.random.default_rng(0)
+  a, _ = gens.selfplay(3, jax.random.key(1), rng, bootstrap=True)
+  b, _ = gens.selfplay(3, jax.random.key(1), np.random.default_rng(0),
+                       bootstrap=True)
+  np.testing.assert_array_equal(a['policy'], b['policy'])   # deterministic
+  c, _ = gens.selfplay(4, jax.random.key(1), np.random.default_rng(0),
+                       bootstrap=True)
+  assert not np.array_equal(a['policy'], c['policy'])       # seeded model
+  # No pass is read while another move is legal: positions whose visits
+  # include the pass are those where every point is illegal.
+  passes = a['policy'][:, -1] > 0
+  assert passes.sum() <= 2, passes.sum()
+  # The 6 readouts' visits: 5 below the root, spread over the points.
+  np.testing.assert_allclose(a['policy'].sum(-1), 1.0, rtol=1e-5)

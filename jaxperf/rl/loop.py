@@ -3,7 +3,9 @@ evaluation against the target model, as the reference's train_loop.py
 orders them.
 
 A generation plays `games_per_generation` self-play games with the current
-network (in chunks of `parallel_games`, one compiled program), keeps their
+network (in chunks of `parallel_games`, one compiled program; the first
+generation's are the reference's bootstrap games: its random model, no
+passes, `bootstrap_readouts` readouts), keeps their
 positions, trains on a random `train_filter` share of the positions of the
 last `window_generations` generations (floor(samples / batch) steps, each
 example under a random board symmetry), then plays `eval_games` against the
@@ -44,6 +46,9 @@ class LoopConfig:
   train_batch_size: int = 4096
   eval_games: int = 256
   eval_readouts: int = 100
+  bootstrap_readouts: int = 80
+  bootstrap_resign_range: tuple[float, float] = (-1.0, -0.99)
+  random_model_stddev: tuple[float, float] = (0.4, 0.4)  # policy, value
 
   @property
   def moves_cap(self) -> int:
@@ -111,46 +116,61 @@ class Generations:
         search=mcts.SearchConfig(num_readouts=cfg.eval_readouts,
                                  value_init_penalty=cfg.value_init_penalty,
                                  inject_noise=False))
-    self._selfplay = jax.jit(self._selfplay_fn)
+    self.bootstrap_cfg = dataclasses.replace(
+        self.selfplay_cfg, search=dataclasses.replace(
+            search, num_readouts=cfg.bootstrap_readouts, allow_pass=False))
+    self._selfplay = jax.jit(self._selfplay_fn, static_argnums=(0,))
     self._match = jax.jit(self._match_fn, static_argnums=(0,))
 
-  def _selfplay_fn(self, variables, key, thresholds):
-    evaluate = mtrain.evaluator(self.model, variables)
+  def random_model(self, seed: int):
+    """The reference's random model (cc/model/loader.cc's stddevs)."""
+    p, v = self.cfg.random_model_stddev
+    return mtrain.random_evaluator(seed, p, v)
+
+  def _selfplay_fn(self, bootstrap, variables, key, thresholds):
+    if bootstrap:
+      evaluate, config = self.random_model(variables), self.bootstrap_cfg
+    else:
+      evaluate = mtrain.evaluator(self.model, variables)
+      config = self.selfplay_cfg
     return selfplay.play(self.game, [evaluate], go.features, self.initial,
-                         key, self.cfg.parallel_games, self.selfplay_cfg,
+                         key, self.cfg.parallel_games, config,
                          resign_threshold=thresholds)
 
-  def _match_fn(self, target_model, variables, target_variables, key, black):
+  def _match_fn(self, target, variables, target_variables, key, black):
     players = [mtrain.evaluator(self.model, variables),
-               mtrain.evaluator(target_model, target_variables)]
+               target(target_variables)]
     return selfplay.play(self.game, players, go.features, self.initial, key,
                          black.shape[0], self.eval_cfg, black=black,
                          record=False)
 
-  def selfplay(self, variables, key: jax.Array, rng: np.random.Generator
+  def selfplay(self, variables, key: jax.Array, rng: np.random.Generator, *,
+               bootstrap: bool = False
                ) -> tuple[dict[str, np.ndarray], int]:
-    """(positions, games played): at least games_per_generation games."""
+    """(positions, games played): at least games_per_generation games.
+    With `bootstrap`, the random model plays (`variables`: its seed)."""
     cfg = self.cfg
     chunks = math.ceil(cfg.games_per_generation / cfg.parallel_games)
+    lo, hi = cfg.bootstrap_resign_range if bootstrap else cfg.resign_range
     parts = []
     for i in range(chunks):
-      lo, hi = cfg.resign_range
       thr = rng.uniform(lo, hi, cfg.parallel_games)
       off = rng.uniform(size=cfg.parallel_games) < cfg.disable_resign_pct
       thr = np.where(off, -2.0, thr).astype(np.float32)
-      out = self._selfplay(variables, jax.random.fold_in(key, i),
+      out = self._selfplay(bootstrap, variables, jax.random.fold_in(key, i),
                            jnp.asarray(thr))
       parts.append(positions_of(out))
     positions = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return positions, chunks * cfg.parallel_games
 
-  def win_rate(self, variables, target_model, target_variables,
+  def win_rate(self, variables, target, target_variables,
                key: jax.Array) -> float:
     """The current network's share of wins over `eval_games` games against
-    the target, playing black in half of them."""
+    the target (`target(target_variables)` -> its evaluator; a hashable
+    callable), playing black in half of them."""
     games = self.cfg.eval_games
     black = jnp.asarray(np.arange(games) % 2, jnp.int32)   # 0: ours black
-    out = self._match(target_model, variables, target_variables, key, black)
+    out = self._match(target, variables, target_variables, key, black)
     result = np.asarray(out['result'])
     ours = np.where(np.asarray(black) == 0, 1, -1)
     return float(np.mean(result == ours))

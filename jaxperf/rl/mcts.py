@@ -73,6 +73,9 @@ class SearchConfig:
   dirichlet_alpha: float = 0.03
   noise_mix: float = 0.25
   inject_noise: bool = True
+  # False: the search reads a pass only where no other move is legal (the
+  # reference's --allow_pass=0, used for the bootstrap games).
+  allow_pass: bool = True
 
 
 class Tree:
@@ -145,9 +148,13 @@ def search(game: Game, evaluate: Callable, state: Any, key: jax.Array,
       t, x = c
       s = _get(t.states, x)
       scores = action_scores(t, x, game.to_play(s).astype(jnp.float32))
+      if not config.allow_pass:
+        scores = scores.at[pass_a].set(-1e5)
       best = jnp.argmax(scores).astype(jnp.int32)
-      double_pass = (t.move[x] == pass_a) & (t.edge_n[x, pass_a] == 0)
-      best = jnp.where(double_pass, pass_a, best)
+      best = jnp.where(t.legal[x, best], best, pass_a)
+      if config.allow_pass:
+        double_pass = (t.move[x] == pass_a) & (t.edge_n[x, pass_a] == 0)
+        best = jnp.where(double_pass, pass_a, best)
       child = t.children[x, best]
       new = child < 0
       idx = jnp.where(new, t.count, child)

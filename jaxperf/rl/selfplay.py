@@ -41,7 +41,9 @@ def play(game: mcts.Game, evaluators: Sequence[Callable], features: Callable,
 
   Args:
     evaluators: one network per player as `evaluate(state) -> (probs,
-      value)`; with one, it plays both sides (self-play), with two,
+      value)`, or `evaluate(state, mix)` if it has a true `takes_mix`
+      attribute (mix: a uint32 of the game and player, for randomness that
+      must stay a function of the position within one player's searches); with one, it plays both sides (self-play), with two,
       evaluators[black[g]] plays black in game g and the other white.
     features: state -> the network input recorded for training.
     black: int [num_games], which evaluator plays black (two evaluators).
@@ -64,22 +66,30 @@ def play(game: mcts.Game, evaluators: Sequence[Callable], features: Callable,
   states = jax.tree.map(lambda x: jnp.broadcast_to(x, (g,) + jnp.shape(x)),
                         initial)
 
-  def evaluate_for(player_index):
+  def call(e, s, mix):
+    return e(s, mix) if getattr(e, 'takes_mix', False) else e(s)
+
+  def evaluate_for(player_index, mixes):
     if len(evaluators) == 1:
-      return evaluators[0]
+      return lambda s: call(evaluators[0], s, mixes[0])
 
     def evaluate(s):
-      outs = [e(s) for e in evaluators]
+      outs = [call(e, s, m) for e, m in zip(evaluators, mixes)]
       return jax.tree.map(
           lambda *xs: jnp.where(player_index == 0, xs[0], xs[1]), *outs)
     return evaluate
 
-  def one_move(state, key, move_no, last, black_idx, thr):
+  # Each (game, player) has its own stream for the evaluators' randomness
+  # (the reference's per-player inference symmetries).
+  key, mix_key = jax.random.split(key)
+  mix = jax.random.bits(mix_key, (g, 2), jnp.uint32)
+
+  def one_move(state, key, move_no, last, black_idx, thr, mixes):
     to_play = game.to_play(state)
     # The evaluator of the player to move searches its own tree.
     mover = jnp.where(to_play > 0, black_idx, 1 - black_idx)
     k_search, k_pick = jax.random.split(key)
-    tree = mcts.search(game, evaluate_for(mover), state, k_search,
+    tree = mcts.search(game, evaluate_for(mover, mixes), state, k_search,
                        config.search, last_move=last)
     move = mcts.pick_move(game, tree, k_pick,
                           move_no < config.soft_pick_moves)
@@ -108,8 +118,9 @@ def play(game: mcts.Game, evaluators: Sequence[Callable], features: Callable,
   def body(c):
     key, sub = jax.random.split(c['key'])
     keys = jax.random.split(sub, g)
-    move, policy, resign = jax.vmap(one_move, in_axes=(0, 0, None, 0, 0, 0))(
-        c['states'], keys, c['step'], c['last'], black, threshold)
+    move, policy, resign = jax.vmap(
+        one_move, in_axes=(0, 0, None, 0, 0, 0, 0))(
+            c['states'], keys, c['step'], c['last'], black, threshold, mix)
     live = ~c['done']
     to_play = jax.vmap(game.to_play)(c['states'])
     buf = c['buf']

@@ -14,6 +14,7 @@ train.py does it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,14 +111,72 @@ def train_step(model: minigo_model.MiniGo, tx, state: TrainState,
                        opt_state=opt_state), parts
 
 
-def evaluator(model: minigo_model.MiniGo, variables: dict[str, Any]):
-  """The network as the search wants it: one game's state -> (move
-  probabilities, value for black), in inference mode."""
+def inverse_symmetry(policy: jax.Array, k: jax.Array) -> jax.Array:
+  """Undoes `symmetry` k on a policy [N * N + 1] (the pass stays last)."""
+  n = math.isqrt(policy.shape[0] - 1)
+  board = policy[:-1].reshape(n, n)
+  board = jax.lax.cond(k >= 4, lambda x: jnp.swapaxes(x, 0, 1),
+                       lambda x: x, board)
+  branches = [lambda x, t=t: jnp.rot90(x, -t, axes=(0, 1)) for t in range(4)]
+  board = jax.lax.switch(k % 4, branches, board)
+  return jnp.concatenate([board.reshape(-1), policy[-1:]])
+
+
+def inference_symmetry(state, mix: jax.Array) -> jax.Array:
+  """The reference's GetInferenceSymmetry: one of the 8 symmetries, a
+  pseudo-random but fixed function of the position's stones and the
+  player's `mix`, so one player sees a position the same way every time
+  and two players (or games) see it differently."""
+  key = jax.random.fold_in(jax.random.key(0), mix)
+  key = jax.random.fold_in(jax.random.fold_in(key, state.hash[0]),
+                           state.hash[1])
+  return jax.random.randint(key, (), 0, NUM_SYMMETRIES)
+
+
+def evaluator(model: minigo_model.MiniGo, variables: dict[str, Any], *,
+              random_symmetry: bool = True):
+  """The network as the search wants it: `evaluate(state, mix)` -> (move
+  probabilities, value for black), in inference mode. With
+  `random_symmetry` (the reference's default) the input is transformed by
+  `inference_symmetry(state, mix)` and the policy transformed back."""
   from jaxperf.rl import go  # pylint: disable=g-import-not-at-top
 
-  def evaluate(state):
-    x = go.features(state)[None]
-    logits, value = model.apply(variables, x, train=False)
-    return jax.nn.softmax(logits[0].astype(jnp.float32)), value[0]
+  def evaluate(state, mix=0):
+    x = go.features(state)
+    a = x.shape[0] * x.shape[1] + 1
+    k = inference_symmetry(state, mix) if random_symmetry else 0
+    if random_symmetry:
+      x, _ = symmetry(x, jnp.zeros((a,), x.dtype), k)
+    logits, value = model.apply(variables, x[None], train=False)
+    probs = jax.nn.softmax(logits[0].astype(jnp.float32))
+    if random_symmetry:
+      probs = inverse_symmetry(probs, k)
+    return probs, value[0]
 
+  evaluate.takes_mix = True
+  return evaluate
+
+
+def random_evaluator(seed: int, policy_stddev: float = 0.4,
+                     value_stddev: float = 0.4):
+  """The reference's random model (cc/dual_net/random_dual_net.cc) as an
+  evaluator: move probabilities softmax(normal(0.5, policy_stddev)), a
+  value drawn from normal(0, value_stddev) inside [-1, 1]. Its noise is a
+  function of `seed` and the position's hash, so a search stays a pure
+  function of its inputs (a position reached twice gets the same output)
+  and of the player's `mix`."""
+  base = jax.random.key(seed)
+
+  def evaluate(state, mix=0):
+    key = jax.random.fold_in(jax.random.fold_in(base, mix), state.hash[0])
+    key = jax.random.fold_in(key, state.hash[1])
+    key = jax.random.fold_in(key, state.move_number)
+    k_policy, k_value = jax.random.split(key)
+    a = state.board.shape[0] + 1
+    logits = 0.5 + policy_stddev * jax.random.normal(k_policy, (a,))
+    value = value_stddev * jax.random.truncated_normal(
+        k_value, -1.0 / value_stddev, 1.0 / value_stddev)
+    return jax.nn.softmax(logits), value
+
+  evaluate.takes_mix = True
   return evaluate
