@@ -216,6 +216,7 @@ class Trainer:
       seed = int(time.time_ns() % (2**31 - 1))
     seed = int(seed)
 
+    w.set_workdir(opts.workdir)
     train_ds, eval_ds = w.datasets(opts.data_dir, seed)
     # One MLPerf log per attempt: mllog appends, and the checker wants one
     # run per file.
@@ -236,7 +237,7 @@ class Trainer:
     ml.event(C.SUBMISSION_BENCHMARK, w.benchmark)
     ml.event(C.SEED, seed)
 
-    if opts.data_dir is None:
+    if opts.data_dir is None and w.uses_data_dir:
       self.say('=' * 78)
       self.say(f'NOTE: no --data-dir given: training {w.name} on SYNTHETIC '
                f'learnable data ({train_ds.num_examples} train / '
@@ -518,6 +519,12 @@ class Trainer:
                                                   sched.epoch_of(step))
         ml.start(C.BLOCK_START, metadata={
             C.FIRST_EPOCH_NUM: first_epoch, C.EPOCH_COUNT: epoch_count})
+        for key_, value_ in w.prepare_block(state, epoch_end).items():
+          ml.event(key_, value_, metadata={C.EPOCH_NUM: epoch_end})
+        # A schedule that counts a block's steps once its data exists
+        # (self-play) knows them now.
+        block_end = sched.steps_for(epoch_end)
+        total_steps = sched.steps_for(train_epochs)
         while step < block_end:
           n = min(k, block_end - step)
           train_fn, call = make_call(n)

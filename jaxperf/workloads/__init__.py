@@ -15,6 +15,7 @@ _REGISTRY = {
     'retinanet': 'jaxperf.workloads.retinanet:RetinaNet',
     'maskrcnn': 'jaxperf.workloads.maskrcnn:MaskRCNN',
     'rnnt': 'jaxperf.workloads.rnnt:RNNT',
+    'minigo': 'jaxperf.workloads.minigo:MiniGo',
 }
 ALIASES = {'resnet': 'resnet50', 'ssd': 'retinanet'}
 

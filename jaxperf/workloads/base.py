@@ -92,6 +92,9 @@ class Workload(abc.ABC):
   # Config overrides jaxperf.bench always applies (before --set): what the
   # timed steps need to stay finite from random weights.
   bench_overrides: dict[str, Any] = {}
+  # False for a workload that makes its own training data (self-play) and
+  # reads no dataset.
+  uses_data_dir: bool = True
 
   def __init__(self, config: Config):
     self.config = config
@@ -125,6 +128,23 @@ class Workload(abc.ABC):
             f'(target {self.target})')
 
   # --- data ----------------------------------------------------------------
+  def set_workdir(self, workdir: str) -> None:
+    """The run's workdir, given before `datasets`: a workload that keeps
+    run data beside the checkpoints (MiniGo: its self-play games) keeps
+    it under here."""
+    del workdir
+
+  def prepare_block(self, state: TrainState, epoch: float
+                    ) -> dict[str, Any]:
+    """Called at the start of each block of training, before its steps,
+    with the state it starts from and the epoch it ends at: a workload
+    whose training data comes from its own weights (self-play) makes the
+    block's data here; the schedule may then count the block's steps.
+    Returns MLPerf events to log for the block ({key: value}, with the
+    block's epoch_num); by default nothing."""
+    del state, epoch
+    return {}
+
   @abc.abstractmethod
   def datasets(self, data_dir: str | None, seed: int) -> tuple[Dataset, Dataset]:
     """(train, eval) sources: the reference format under data_dir, or the
