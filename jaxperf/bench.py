@@ -320,7 +320,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
         f'global_batch_size={gbs} does not divide evenly over the {n_data} '
         f'data-parallel devices of --mesh {mesh_lib.describe(mesh)}')
   workload.check_mesh(mesh)
-  workload.setup(int(cfg.synthetic_train_samples))
+  workload.setup(int(cfg.get('synthetic_train_samples', gbs)))
   devices = list(mesh.devices.flatten())
   n_dev = len(devices)
   plat = devices[0].platform
@@ -382,6 +382,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
     times.append(time.perf_counter() - t0)
   loss = float(jax.device_get(metrics['loss']))
   memory = _memory(devices)
+  phases = workload.bench_phases(state, seed, log)
   del state
 
   stats = step_stats(times)
@@ -448,6 +449,7 @@ def run_bench(workload, mesh, *, steps: int, warmup: int,
       'memory_limit_bytes_per_device': memory['bytes_limit_per_device'],
       'compiled_memory_bytes': _compiled_memory(compiled),
       'workload_info': workload.bench_info(),
+      'phases': phases,
       'machine': machine,
       'timestamp_utc': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%dT%H:%M:%SZ'),
@@ -536,6 +538,8 @@ def summary(r: dict[str, Any]) -> str:
         f'); at '
         f'{rate:,.0f} samples/s: {_si(per * rate, "B/s")} table traffic, '
         f'{_si(moved * rate, "B/s")} exchanged')))
+  for name, phase in (r.get('phases') or {}).items():
+    rows.append((name, phase['summary']))
   width = max(len(k) for k, _ in rows)
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 

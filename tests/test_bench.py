@@ -227,10 +227,10 @@ def test_committed_results_are_complete():
     # Full-size ResNet-50 and BERT-large; the 3D U-Net files are its smoke width.
     # DLRM's files: every layer at full width, tables capped at 100k rows.
     # RetinaNet's and Mask R-CNN's: full size (small images on CPU); RNN-T's
-    # full size on 4-second utterances.
+    # full size on 4-second utterances; MiniGo's the 19x19 network.
     want = {'resnet50': 25_557_032, 'unet3d': 1_951_163, 'bert': 336_226_108,
             'dlrm': 120_278_017, 'retinanet': 37_060_652,
-            'maskrcnn': 44_347_573, 'rnnt': 49_006_080}
+            'maskrcnn': 44_347_573, 'rnnt': 49_006_080, 'minigo': 736_671}
     assert r['param_count'] == want[r['model']], path
     assert r['step_time_s'] > 0 and r['flops_per_step'] > 0, path
     assert 0 < r['mfu'] <= 1, path

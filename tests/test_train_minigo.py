@@ -168,3 +168,27 @@ def test_inverse_symmetry_undoes_each_symmetry():
     seen.add(tuple(np.asarray(q)))
   assert len(seen) == 8
   assert jax.numpy.asarray(q)[-1] == p[-1]
+
+
+def test_bench_times_self_play(tmp_path):
+  """jaxperf.bench reports self-play games/s and positions/s (full games
+  here) beside the train step."""
+  out = tmp_path / 'bench.json'
+  args = [a for k, v in TINY.items() if k not in ('seed', 'log_every_steps',
+                                                   'target_accuracy')
+          for a in ('--set', f'{k}={json.dumps(v)}')]
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jaxperf.bench', '--model', 'minigo', '--config',
+       'smoke', *args, '--set', 'bench_games=4', '--set', 'bench_moves=null',
+       '--steps', '2', '--warmup', '1', '--peak-matmul-size', '128',
+       '--json', str(out)], env=cli.env(JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  sp = r['phases']['selfplay']
+  assert sp['games'] == 4 and sp['readouts'] == 4 and sp['moves_cap'] is None
+  # Every game is played to its end: at most the 20-move cap each.
+  assert 4 <= sp['positions'] <= 4 * 20
+  assert sp['games_per_s'] == pytest.approx(4 / sp['seconds'])
+  assert sp['positions_per_s'] == pytest.approx(sp['positions'] / sp['seconds'])
+  assert 'games/s' in proc.stdout and 'positions/s' in proc.stdout

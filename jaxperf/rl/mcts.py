@@ -14,8 +14,9 @@ network's move probabilities renormalised over the legal moves, and every
 edge's W starts at the leaf's value reduced by `value_init_penalty` for the
 player to move (clipped to [-1, 1]; "first play urgency"); the value (or, at
 a finished game, +-1 by the score) is then added to W and 1 to N of every
-edge on the path to the root. After a pass, the double pass is always read
-first. Dirichlet noise over the legal moves is mixed into the root's priors
+edge on the path to the root. (The reference's C++ search, unlike its
+earlier Python one, has no rule that reads the double pass first after a
+pass; neither has this one.) Dirichlet noise over the legal moves is mixed into the root's priors
 once the root is expanded. The move played is sampled in proportion to the
 root's visit counts ** 0.98 (board points only) for the opening moves of a
 game and is the most visited one after (`pick_move`).
@@ -118,8 +119,8 @@ def search(game: Game, evaluate: Callable, state: Any, key: jax.Array,
            config: SearchConfig, *, last_move: jax.Array | int = -1
            ) -> Tree:
   """`config.num_readouts` readouts from `state` (one game; vmap for
-  many). `last_move`: the move that led to `state` (-1 none), for the
-  reference's read-the-double-pass-first rule at the root."""
+  many). `last_move`: the move that led to `state` (-1 none), kept as
+  the root's move."""
   a = game.num_actions
   pass_a = a - 1 if game.pass_action is None else game.pass_action
   m = config.num_readouts + 1
@@ -127,6 +128,8 @@ def search(game: Game, evaluate: Callable, state: Any, key: jax.Array,
       lambda s: jnp.zeros((m,) + jnp.shape(s), jnp.asarray(s).dtype), state)
   tree = Tree(
       states=_set(states, 0, state),
+      to_play=jnp.zeros((m,), jnp.int32).at[0].set(
+          game.to_play(state).astype(jnp.int32)),
       parent=jnp.full((m,), -1, jnp.int32),
       move=jnp.full((m,), -1, jnp.int32).at[0].set(last_move),
       children=jnp.full((m, a), -1, jnp.int32),
@@ -140,37 +143,43 @@ def search(game: Game, evaluate: Callable, state: Any, key: jax.Array,
       count=jnp.ones((), jnp.int32))
 
   def select(tree):
+    """Descends from the root by action score to a node not yet expanded;
+    a child met for the first time is added (its state computed once,
+    after the descent)."""
     def cond(c):
-      t, x = c
-      return t.expanded[x]
+      t, x, _, new = c
+      return t.expanded[x] & ~new
 
     def body(c):
-      t, x = c
-      s = _get(t.states, x)
-      scores = action_scores(t, x, game.to_play(s).astype(jnp.float32))
+      t, x, _, _ = c
+      scores = action_scores(t, x, t.to_play[x].astype(jnp.float32))
       if not config.allow_pass:
         scores = scores.at[pass_a].set(-1e5)
       best = jnp.argmax(scores).astype(jnp.int32)
       best = jnp.where(t.legal[x, best], best, pass_a)
-      if config.allow_pass:
-        double_pass = (t.move[x] == pass_a) & (t.edge_n[x, pass_a] == 0)
-        best = jnp.where(double_pass, pass_a, best)
       child = t.children[x, best]
       new = child < 0
-      idx = jnp.where(new, t.count, child)
-      t = jax.lax.cond(
-          new,
-          lambda t: Tree(**{**t.__dict__,
-                            'states': _set(t.states, idx,
-                                           game.step(s, best)),
-                            'parent': t.parent.at[idx].set(x),
-                            'move': t.move.at[idx].set(best),
-                            'children': t.children.at[x, best].set(idx),
-                            'count': t.count + 1}),
-          lambda t: t, t)
-      return t, idx
+      return t, jnp.where(new, x, child), best, new
 
-    return jax.lax.while_loop(cond, body, (tree, jnp.int32(0)))
+    t, x, best, new = jax.lax.while_loop(
+        cond, body, (tree, jnp.int32(0), jnp.int32(0), jnp.bool_(False)))
+    # A new child of x by `best`: one game step, written into a free slot
+    # (an unconditional one-row update, which stays in place under vmap).
+    idx = jnp.where(new, t.count, x)
+    state = jax.tree.map(lambda a, b: jnp.where(new, a, b),
+                         game.step(_get(t.states, x), best),
+                         _get(t.states, idx))
+    t = Tree(**{**t.__dict__,
+                'states': _set(t.states, idx, state),
+                'to_play': t.to_play.at[idx].set(
+                    game.to_play(state).astype(jnp.int32)),
+                'parent': t.parent.at[idx].set(
+                    jnp.where(new, x, t.parent[idx])),
+                'move': t.move.at[idx].set(jnp.where(new, best, t.move[idx])),
+                'children': t.children.at[x, best].set(
+                    jnp.where(new, idx, t.children[x, best])),
+                'count': t.count + new.astype(jnp.int32)})
+    return t, idx
 
   def backup(tree, x, value):
     def cond(c):

@@ -241,6 +241,14 @@ class Workload(abc.ABC):
     (e.g. DLRM's embedding bytes per sample); by default none."""
     return {}
 
+  def bench_phases(self, state: TrainState, seed: int, log
+                   ) -> dict[str, dict[str, Any]]:
+    """Timed phases of the workload beyond the train step, for
+    jaxperf.bench: {name: {'summary': one line for the table, numbers...}}
+    (MiniGo: self-play); by default none."""
+    del state, seed, log
+    return {}
+
   def count_params(self, params: Any) -> int:
     """The model's parameter count from the state's parameters (a
     workload whose state pads or duplicates parameters says so here)."""

@@ -126,6 +126,8 @@ class MiniGo(Workload):
   benchmark = 'minigo'
   metric = 'win_rate'
   uses_data_dir = False
+  # On a CPU, 16 games for 2 moves each at the full size (800 readouts).
+  bench_cpu_overrides = {'bench_games': 16, 'bench_moves': 2}
   description = ('Go by self-play RL: residual policy/value network, MCTS, '
                  'win rate vs a target model')
 
@@ -413,5 +415,63 @@ class MiniGo(Workload):
   def initialized_tensors(self, state: TrainState) -> list[str]:
     return minigo_model.checker_tensor_names(int(self.config.trunk_layers))
 
+  def bench_batch(self, global_batch: int, seed: int) -> dict[str, Any]:
+    """Valid training examples: 0/1 planes, visit distributions, +-1."""
+    rng = np.random.default_rng(seed)
+    spec = self.batch_spec(global_batch, train=True)
+    policy = rng.random(spec['policy'].shape).astype(np.float32)
+    return {'features': rng.random(spec['features'].shape) < 0.3,
+            'policy': policy / policy.sum(-1, keepdims=True),
+            'result': rng.choice([-1.0, 1.0], global_batch).astype(
+                np.float32)}
+
   def bench_info(self) -> dict[str, Any]:
     return {'board_size': int(self.config.board_size)}
+
+  def bench_phases(self, state: TrainState, seed: int, log
+                   ) -> dict[str, dict[str, Any]]:
+    """Self-play at the config's network and readouts: `bench_games`
+    games side by side, played to the end (games/s and positions/s) or,
+    with `bench_moves`, for that many moves each (positions/s only: no
+    game finishes). The first call compiles; the second is timed."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    c = self.config
+    games = int(c.bench_games)
+    moves = None if c.bench_moves is None else int(c.bench_moves)
+    cfg = dataclasses.replace(self.loop_cfg, parallel_games=games,
+                              games_per_generation=games)
+    gens = loop.Generations(self.model, cfg)
+    if moves is not None:
+      gens.selfplay_cfg = dataclasses.replace(gens.selfplay_cfg,
+                                              max_moves=moves)
+    variables = self._variables(state)
+    thr = jnp.full((games,), -2.0, jnp.float32)      # no resignation
+    run = lambda k: gens._selfplay(False, variables, k, thr)  # pylint: disable=protected-access
+    log(f'{self.name}: self-play of {games} games at {cfg.selfplay_readouts} '
+        f'readouts on {c.board_size}x{c.board_size}'
+        + (f', {moves} moves each' if moves else ', to the end')
+        + ': compiling')
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(jax.random.key(seed)))
+    compile_and_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(run(jax.random.key(seed + 1)))
+    seconds = time.perf_counter() - t0
+    positions = int(np.sum(np.asarray(out['valid'])))
+    pos_s = positions / seconds
+    games_s = games / seconds if moves is None else None
+    readouts_s = pos_s * cfg.selfplay_readouts
+    line = (f'{games} games x ' + (f'{moves} moves' if moves else
+                                     f'{positions / games:.1f} moves') +
+            f' in {seconds:.2f} s: {pos_s:,.1f} positions/s, '
+            + (f'{games_s:.3f} games/s, ' if games_s is not None else
+               'games/s n/a (games cut at bench_moves), ')
+            + f'{readouts_s:,.0f} readouts/s ({cfg.selfplay_readouts} '
+            f'readouts a move)')
+    return {'selfplay': {
+        'summary': line, 'games': games, 'moves_cap': moves,
+        'readouts': cfg.selfplay_readouts, 'positions': positions,
+        'seconds': seconds, 'first_call_s': compile_and_first,
+        'positions_per_s': pos_s, 'games_per_s': games_s,
+        'readouts_per_s': readouts_s}}
