@@ -211,14 +211,19 @@ class Workload(abc.ABC):
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; metrics must include 'loss'."""
 
-  @abc.abstractmethod
+  # eval_step and eval_result: every workload whose make_evaluator returns
+  # None (the default) defines both; one with its own evaluation (MiniGo
+  # plays games) needs neither.
   def eval_step(self, state: TrainState, batch: Mapping[str, jax.Array]
                 ) -> dict[str, jax.Array]:
     """Sums over the valid (mask=True) examples of the batch."""
+    raise TypeError(f'{type(self).__name__} defines no eval_step: its '
+                    f'make_evaluator must return its evaluation')
 
-  @abc.abstractmethod
   def eval_result(self, sums: Mapping[str, float]) -> dict[str, float]:
     """Final metrics from summed eval_step outputs; includes self.metric."""
+    raise TypeError(f'{type(self).__name__} defines no eval_result: its '
+                    f'make_evaluator must return its evaluation')
 
   def make_evaluator(self, mesh: Mesh, abstract_state: Any
                      ) -> 'Evaluator | None':

@@ -17,9 +17,11 @@ steps are known once its games exist (`prepare_block`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -104,9 +106,6 @@ class _SelfPlayData:
       yield {k: v[lo:lo + per] for k, v in sample.items()}
       step += 1
 
-  def eval_batches(self, global_batch, *, process_index=0, process_count=1):
-    raise NotImplementedError('MiniGo evaluates by playing games')
-
   def close(self) -> None:
     pass
 
@@ -166,6 +165,7 @@ class MiniGo(Workload):
     self.workdir: str | None = None
     self.seed = 0
     self._samples: dict[int, dict[str, np.ndarray]] = {}
+    self._loaded: dict[int, dict[str, np.ndarray]] = {}
     self._target = None
 
   def _check(self) -> None:
@@ -248,7 +248,7 @@ class MiniGo(Workload):
     if not os.path.exists(self._path(g, 'json')):
       self._play(state, g)
     self.schedule.set_steps(g, self._steps_of(g))
-    self._samples = {g: self.sample(g)}
+    self.sample(g)
     return {'actual_selfplay_games_per_generation': self._summary(g)['games']}
 
   def _play(self, state: TrainState, g: int) -> None:
@@ -274,12 +274,17 @@ class MiniGo(Workload):
     os.replace(self._path(g, 'tmp.json'), self._path(g, 'json'))
 
   def _positions(self, g: int) -> dict[str, np.ndarray]:
-    planes = self.model.input_planes
-    with np.load(self._path(g, 'npz')) as f:
-      return {'features': np.unpackbits(f['features'], axis=-1,
-                                        count=planes).astype(bool),
-              'policy': f['policy'],
-              'result': f['result'].astype(np.float32)}
+    """Generation g's positions (read once; `sample` drops those that
+    have left the window)."""
+    if g not in self._loaded:
+      planes = self.model.input_planes
+      with np.load(self._path(g, 'npz')) as f:
+        self._loaded[g] = {
+            'features': np.unpackbits(f['features'], axis=-1,
+                                      count=planes).astype(bool),
+            'policy': f['policy'],
+            'result': f['result'].astype(np.float32)}
+    return self._loaded[g]
 
   def sample(self, g: int) -> dict[str, np.ndarray]:
     """Generation g's training examples: a `train_filter` share of its
@@ -288,6 +293,7 @@ class MiniGo(Workload):
       window = loop.Window(self.loop_cfg.window_generations)
       for h in self._window(g):
         window.add(self._positions(h))
+      self._loaded = {h: self._loaded[h] for h in self._window(g)}
       self._samples = {g: window.sample(
           np.random.default_rng([self.seed, g, 1]),
           self.loop_cfg.train_filter)}
@@ -333,13 +339,6 @@ class MiniGo(Workload):
     return state.replace(step=new.step, params=new.params,
                          model_state={'batch_stats': new.batch_stats},
                          opt_state=new.opt_state), metrics
-
-  def eval_step(self, state, batch):
-    raise NotImplementedError('MiniGo evaluates by playing games '
-                              '(make_evaluator)')
-
-  def eval_result(self, sums):
-    return dict(sums)
 
   @staticmethod
   def _variables(state: TrainState) -> dict[str, Any]:
@@ -434,8 +433,6 @@ class MiniGo(Workload):
     games side by side, played to the end (games/s and positions/s) or,
     with `bench_moves`, for that many moves each (positions/s only: no
     game finishes). The first call compiles; the second is timed."""
-    import dataclasses  # pylint: disable=g-import-not-at-top
-    import time  # pylint: disable=g-import-not-at-top
     c = self.config
     games = int(c.bench_games)
     moves = None if c.bench_moves is None else int(c.bench_moves)
