@@ -372,8 +372,11 @@ class Trainer:
                 f'{train_ds.num_examples}); evals after epochs '
                 f'{_short_list(eval_epochs)}; '
                 if sched.unit == 'epochs' else
-                f'{total_steps} steps ({train_epochs} {sched.unit}); evals '
-                f'after {_short_list(eval_epochs)} {sched.unit}; ')
+                (f'{total_steps} steps ({train_epochs} {sched.unit}); '
+                 if getattr(sched, 'steps_known', True) else
+                 f'up to {train_epochs} {sched.unit} (their steps known as '
+                 f'their data is made); ')
+                + f'evals after {_short_list(eval_epochs)} {sched.unit}; ')
              + f'target {w.describe_target()}; '
              + (f'{len(train_fns)} train batch shapes ' if len(train_fns) > 1
                 else '')
@@ -481,17 +484,25 @@ class Trainer:
       if done - last_print_step >= int(cfg.log_every_steps) or done == total_steps:
         last_print_step = done
         rec_loss = float(host['loss'][n - 1])
-        parts = [f'step {done}/{total_steps}',
-                 (f'epoch {sched.epoch_of(done):.2f}' if sched.unit == 'epochs'
-                  else f'{sched.epoch_of(done):,.0f} {sched.unit}'),
-                 f'loss {rec_loss:.4f}']
+        known = getattr(sched, 'steps_known', True)
+        if sched.unit == 'epochs':
+          where = f'epoch {sched.epoch_of(done):.2f}'
+        elif known:
+          where = f'{sched.epoch_of(done):,.0f} {sched.unit}'
+        else:     # the block in training, 1-based
+          where = (f'{sched.unit.rstrip("s")} '
+                   f'{max(math.ceil(sched.epoch_of(done) - 1e-9), 1)}')
+        parts = [f'step {done}/{total_steps}' if known else f'step {done}',
+                 where, f'loss {rec_loss:.4f}']
         if 'learning_rate' in host:
           parts.append(f'lr {float(host["learning_rate"][n - 1]):.4g}')
         if rate:
           parts.append(f'{rate:,.0f} ex/s')
           if flops_per_step and peak:
             parts.append(f'MFU {flops_per_step * rate / gbs / jax.device_count() / peak:.1%}')
-          parts.append(f'ETA {_fmt_time((total_steps - done) * gbs / rate)}')
+          if known:   # else later blocks' steps and data are not known
+            parts.append(
+                f'ETA {_fmt_time((total_steps - done) * gbs / rate)}')
         if evals:
           e = evals[-1]
           parts.append(f'last eval {w.metric} {e[w.metric]:.4f} '

@@ -46,6 +46,7 @@ class GenerationSchedule:
   """
 
   unit = 'generations'
+  steps_known = False       # in advance: a generation's, once it is played
 
   def __init__(self, global_batch: int):
     self.global_batch = global_batch
