@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from jaxperf.config import load_config
 from jaxperf.rl import train as mtrain
 from jaxperf.workloads.minigo import GenerationSchedule
 from tests import cli
+from tests.test_train_cli import check_log
 
 # 5x5 at tiny sizes: a generation in seconds.
 TINY = {'seed': 3, 'board_size': 5, 'komi': 0.5, 'max_moves': 20,
@@ -25,6 +27,31 @@ TINY = {'seed': 3, 'board_size': 5, 'komi': 0.5, 'max_moves': 20,
         'train_filter': 0.5, 'log_every_steps': 5,
         # Out of reach, so every generation runs.
         'target_accuracy': 1.01}
+
+
+def test_default_smoke_run_reaches_target_and_passes_checker(tmp_path):
+  """What a new user runs: nothing but --model (and a workdir; the seed
+  fixed here). 9x9, 64 games a generation, against the random model."""
+  cfg = load_config('minigo', 'smoke')
+  workdir = tmp_path / 'run'
+  proc = cli.run_train('--model', 'minigo', '--workdir', str(workdir),
+                       '--set', 'seed=1', timeout=1500, JAX_PLATFORMS='cpu',
+                       XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'run_stop: success' in proc.stdout, proc.stdout[-3000:]
+  evals = [r for r in cli.read_metrics(workdir) if r.get('kind') == 'eval']
+  assert evals[-1]['win_rate'] >= cfg.target_accuracy == 0.5
+  assert all(e['win_rate'] < 0.5 for e in evals[:-1])
+  assert all(e['eval_games'] == cfg.eval_games == 64 for e in evals)
+  lines = cli.mllog_lines(workdir / 'mlperf_log.txt')
+  accuracy = [l['value'] for l in lines if l['key'] == 'eval_accuracy']
+  assert accuracy == [e['win_rate'] for e in evals]
+  assert [l['metadata']['status'] for l in lines
+          if l['key'] == 'run_stop'] == ['success']
+  games = json.loads((workdir / 'selfplay' / 'gen-0001.json').read_text())
+  assert games['bootstrap'] and games['games'] == cfg.games_per_generation
+  checked = check_log(str(workdir / 'mlperf_log.txt'), tmp_path)
+  assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def _run(workdir, epochs: int, *extra: str) -> subprocess.CompletedProcess:
@@ -56,7 +83,7 @@ def test_generations_log_and_resume(tmp_path):
   hyper = {r['key']: r['value'] for r in recs}
   assert hyper['min_selfplay_games_per_generation'] == 16
   assert hyper['train_batch_size'] == 16
-  assert hyper['lr_rates'] == [0.01, 0.001]   # the smoke scale's
+  assert hyper['lr_rates'] == [0.05, 0.005]   # the smoke scale's
   accs = [r for r in recs if r['key'] == 'eval_accuracy']
   assert [r['metadata']['epoch_num'] for r in accs] == [1, 2]
   assert all(0.0 <= r['value'] <= 1.0 for r in accs)
