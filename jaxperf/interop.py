@@ -14,7 +14,9 @@ number of tables and MLP widths: see dlrm_tensors) and 'retinanet'
 (torchvision's RetinaNet with the MLPerf reference's ResNeXt50-32x4d FPN
 backbone <-> models/retinanet.py, any number of classes and anchors: see
 retinanet_tensors; its frozen batch norms' four tensors are Flax
-'batch_stats').
+'batch_stats') and 'minigo' (the MLPerf reference's TF1 network, as a
+checkpoint such as its target model's or as jaxperf.torch_models.minigo,
+<-> models/minigo.py, any depth and width: see minigo_tensors).
 
 `variables` is the Flax dict {'params': ..., 'batch_stats': ...} ({'params':
 ...} alone for unet3d, whose instance norms keep no statistics, and for
@@ -1132,6 +1134,56 @@ def rnnt_checker_tensor_names() -> list[str]:
           'joint_enc', 'joint_net']
 
 
+# ------------------------------------------------------------------ minigo
+
+
+def minigo_tensors(trunk_layers: int = 6) -> list[_Tensor]:
+  """The MLPerf MiniGo reference (dual_net.py's TF1 layers, named by TF in
+  creation order: conv2d, batch_normalization, dense, each _1, _2, ...;
+  jaxperf.torch_models.minigo registers its modules under the same names)
+  <-> models/minigo.py. The heads' batch norms have no scale or offset,
+  only their moving statistics."""
+  from jaxperf.models import minigo  # pylint: disable=g-import-not-at-top
+  out = []
+  for layer, tf in minigo.tf_layer_names(trunk_layers):
+    if tf.startswith('conv2d'):
+      out.append(_Tensor(f'{tf}.weight', ('params', layer, 'kernel'), 'conv',
+                         tf_name=f'{tf}/kernel'))
+    elif tf.startswith('dense'):
+      out += [_Tensor(f'{tf}.weight', ('params', layer, 'kernel'), 'dense',
+                      tf_name=f'{tf}/kernel', tf_transpose=True),
+              _Tensor(f'{tf}.bias', ('params', layer, 'bias'), 'vector',
+                      tf_name=f'{tf}/bias')]
+    else:
+      if layer not in ('policy_bn', 'value_bn'):
+        out += [_Tensor(f'{tf}.weight', ('params', layer, 'scale'), 'vector',
+                        tf_name=f'{tf}/gamma'),
+                _Tensor(f'{tf}.bias', ('params', layer, 'bias'), 'vector',
+                        tf_name=f'{tf}/beta')]
+      out += [_Tensor(f'{tf}.running_mean', ('batch_stats', layer, 'mean'),
+                      'vector', tf_name=f'{tf}/moving_mean'),
+              _Tensor(f'{tf}.running_var', ('batch_stats', layer, 'var'),
+                      'vector', tf_name=f'{tf}/moving_variance')]
+  return out
+
+
+def minigo_trunk_layers(names: Iterable[str]) -> int:
+  """Residual blocks from PyTorch or TF names: the convolutions are the
+  initial one, two a block and one a head."""
+  convs = sum(1 for n in names
+              if re.fullmatch(r'conv2d(_\d+)?[./](weight|kernel)', n))
+  return max((convs - 3) // 2, 0)
+
+
+def _minigo(names: Iterable[str] | None,
+            shapes: Mapping[str, tuple[int, ...]] | None,
+            trunk_layers: int | None = None) -> list[_Tensor]:
+  del shapes
+  if trunk_layers is None:
+    trunk_layers = 6 if names is None else minigo_trunk_layers(names)
+  return minigo_tensors(trunk_layers)
+
+
 # ------------------------------------------------------------------ TF1 reader
 
 class UnsupportedCheckpoint(InteropError):
@@ -1486,6 +1538,7 @@ _MODELS: dict[str, Callable[..., list[_Tensor]]] = {
     'maskrcnn': _maskrcnn,
     'rnnt': lambda names, shapes, **layers: rnnt_tensors(
         **(rnnt_dims(shapes) if shapes is not None else layers)),
+    'minigo': _minigo,
 }
 # Per model: entries of the variables that are a list of arrays (dlrm's
 # tables) rather than a dict; internally they are dicts keyed '0', '1', ...
@@ -1494,10 +1547,11 @@ _LISTS = {'dlrm': ('tables',)}
 # tree with a table too many or a layer of the wrong width is an error).
 _TO_TORCH_CHECKED = ('dlrm', 'retinanet', 'maskrcnn')
 # Models whose tensors have TF1 checkpoint names (from_tf_checkpoint).
-_TF_MODELS = ('bert',)
+_TF_MODELS = ('bert', 'minigo')
 # Per model: the keyword options of from_torch / from_tf_checkpoint.
 _OPTIONS = {'resnet50': (), 'unet3d': (), 'bert': ('num_heads',),
-            'dlrm': (), 'retinanet': (), 'maskrcnn': (), 'rnnt': ()}
+            'dlrm': (), 'retinanet': (), 'maskrcnn': (), 'rnnt': (),
+            'minigo': ()}
 # Models whose batch norms keep no num_batches_tracked (frozen batch norms):
 # to_torch writes none for them.
 _NO_BATCH_COUNT = ('retinanet', 'maskrcnn')
@@ -1528,6 +1582,10 @@ def _check_options(model_name: str, options: Mapping[str, Any],
   options = dict(options)
   if model_name == 'bert':
     options = _bert_options(options, expected)
+  if model_name == 'minigo' and expected is not None:
+    # The depth is the model's: tensors of another depth are then named
+    # as missing or unexpected.
+    options.update(_options_from_variables(model_name, expected))
   return options
 
 
@@ -1757,16 +1815,18 @@ def from_torch(model_name: str, state_dict: Mapping[str, Any],
 def from_tf_checkpoint(model_name: str, path: str,
                        expected: Mapping | None = None, *,
                        reader: str = 'auto', **options: Any) -> dict[str, Any]:
-  """Flax variables from a TF1 checkpoint of the reference (bert).
+  """Flax variables from a TF1 checkpoint of the reference (bert, minigo).
 
   The MLPerf BERT reference's checkpoints (e.g. the phase-1 model.ckpt-28252)
-  name the weights as bert_checker_tensor_names lists them. Optimizer slots
-  of those weights (…/adam_m, …/adam_v, LAMB's and Adam's slots) and
-  global_step are skipped; any other tensor that is not a weight of the
-  model is an error, as is a missing or misshapen one.
+  name the weights as bert_checker_tensor_names lists them; the MiniGo
+  reference's (e.g. its target model, ml_perf/target/target.*) as TF names
+  its layers (minigo_tensors), with the batch norms' moving statistics.
+  Optimizer slots of those weights (…/adam_m, …/adam_v, LAMB's, Adam's and
+  Momentum's slots) and global_step are skipped; any other tensor that is
+  not a weight of the model is an error, as is a missing or misshapen one.
 
   Args:
-    model_name: 'bert'.
+    model_name: 'bert' or 'minigo'.
     path: the checkpoint prefix, its .index file or its folder
       (tf_checkpoint_prefix).
     expected: as for from_torch.
@@ -1792,7 +1852,11 @@ def from_tf_checkpoint(model_name: str, path: str,
     if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != 'bfloat16':
       raise InteropError(f'{model_name}: tensor {t.tf_name} has dtype '
                          f'{a.dtype}, expected floating point')
-    raw[t.torch_name] = a.T if t.tf_transpose and a.ndim == 2 else a
+    if t.tf_transpose and a.ndim == 2:
+      a = a.T
+    elif t.kind == 'conv' and a.ndim == 4:      # TF HWIO -> PyTorch OIHW
+      a = np.transpose(a, _TO_TORCH['conv'])
+    raw[t.torch_name] = a
   return _assemble(model_name, raw, expected, options, source='tf')
 
 
@@ -1822,6 +1886,11 @@ def _options_from_variables(model_name: str, variables: Mapping[str, Any]
     return {'enc_pre_layers': depth('pre_rnn'),
             'enc_post_layers': depth('post_rnn'),
             'pred_layers': depth('dec_rnn')}
+  if model_name == 'minigo':
+    params = variables.get('params', {})
+    params = params if isinstance(params, Mapping) else {}
+    return {'trunk_layers': sum(1 for k in params
+                                if re.fullmatch(r'res\d+_conv1', k))}
   if model_name != 'bert':
     return {}
   bert = variables.get('params', {}).get('bert', {}) if isinstance(
