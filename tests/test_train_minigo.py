@@ -165,6 +165,24 @@ def test_a_finished_run_is_the_target_of_another(tmp_path):
   assert 'does not fit this network' in proc.stderr, proc.stderr[-2000:]
 
 
+def test_the_references_tf_checkpoint_is_a_target(tmp_path):
+  """target_model=PREFIX: the reference's TF1 checkpoint (as its target
+  model is shipped) plays, imported through jaxperf.interop."""
+  prefix = os.path.join(os.path.dirname(__file__), 'data', 'minigo_tf1',
+                        'target')
+  net = ['--set', 'board_size=9', '--set', 'conv_width=8', '--set',
+         'fc_width=4', '--set', 'trunk_layers=2']
+  proc = _run(tmp_path / 'a', 1, *net, '--set', f'target_model={prefix}')
+  assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'vs the target' in proc.stdout
+  proc = _run(tmp_path / 'b', 1, *net, '--set', 'fc_width=6', '--set',
+              f'target_model={prefix}.index')
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  for want in (f'target_model={prefix}.index', 'dense_1/kernel',
+               'fc_width=6'):
+    assert want in proc.stderr, proc.stderr[-2000:]
+
+
 def test_generation_schedule():
   s = GenerationSchedule(global_batch=16)
   assert s.steps_for(3) == 3                # nothing known: 1 per generation

@@ -36,6 +36,16 @@ from jaxperf.rl import loop, train as mtrain
 from jaxperf.workloads.base import TrainState, Workload, rng_key
 
 
+def _is_tf_checkpoint(path: str) -> bool:
+  """A TF1 checkpoint's prefix or .index file, or a folder of one (and not
+  a jaxperf workdir)."""
+  if path.endswith('.index') or os.path.isfile(path + '.index'):
+    return True
+  return (os.path.isdir(path)
+          and not os.path.isdir(os.path.join(path, 'checkpoints'))
+          and any(n.endswith('.index') for n in os.listdir(path)))
+
+
 class GenerationSchedule:
   """Steps per generation, as the generations' games come in.
 
@@ -349,23 +359,31 @@ class MiniGo(Workload):
   # --- the target ----------------------------------------------------------------
   def _load_target(self) -> None:
     """target_model: 'random' (the reference's random model, seeded by
-    target_seed) or the workdir (or its checkpoints directory) of a
-    minigo run of the same network shape, whose latest weights play."""
+    target_seed), the reference's TF1 checkpoint of the target network
+    (ml_perf/target/target: its prefix, .index file or folder) or the
+    workdir (or its checkpoints directory) of a minigo run; either network
+    of this config's shape."""
     spec = self.config.target_model
     if spec is None:
       raise ConfigError(
           'target_model is not set: give the target network with --set '
-          'target_model=PATH (a minigo workdir or its checkpoints '
-          'directory) or --set target_model=random')
+          'target_model=PATH (the reference\'s TF checkpoint, e.g. '
+          'ml_perf/target/target, or a minigo workdir) or --set '
+          'target_model=random')
     if str(spec) == 'random':
       self._target = (self.gens.random_model,
                       jnp.int32(int(self.config.target_seed)))
       return
+    path = os.path.expanduser(str(spec))
+    if _is_tf_checkpoint(path):
+      self._target = (functools.partial(mtrain.evaluator, self.model),
+                      self._tf_target(path))
+      return
     from jaxperf.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-    path = str(spec)
     if not os.path.isdir(path):
-      raise ConfigError(f'target_model={path}: no such directory (expected '
-                        f'a minigo workdir, or "random")')
+      raise ConfigError(f'target_model={path}: no such directory or TF '
+                        f'checkpoint (expected the reference\'s TF '
+                        f'checkpoint prefix, a minigo workdir, or "random")')
     ckdir = os.path.join(path, 'checkpoints')
     ckdir = ckdir if os.path.isdir(ckdir) else path
     ckpt = Checkpointer(ckdir, use_async=False)
@@ -386,6 +404,24 @@ class MiniGo(Workload):
       ckpt.close()
     self._target = (functools.partial(mtrain.evaluator, self.model),
                     self._variables(state))
+
+  def _tf_target(self, path: str) -> dict[str, Any]:
+    """The target network's variables from the reference's TF1 checkpoint
+    (its weights and batch norm statistics; Momentum slots skipped)."""
+    from jaxperf import interop  # pylint: disable=g-import-not-at-top
+    abstract = self._variables(jax.eval_shape(
+        self.init_state, jax.random.key_data(jax.random.key(0))))
+    try:
+      variables = interop.from_tf_checkpoint('minigo', path,
+                                             expected=abstract)
+    except interop.InteropError as e:
+      c = self.config
+      raise ConfigError(
+          f'target_model={path}: {e} (this config: board_size='
+          f'{c.board_size}, conv_width={c.conv_width}, fc_width='
+          f'{c.fc_width}, trunk_layers={c.trunk_layers})') from e
+    return jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), variables,
+                        abstract)
 
   def make_evaluator(self, mesh, abstract_state):
     del mesh, abstract_state
