@@ -8,7 +8,6 @@ numpy alone, so these tests need no TensorFlow.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 import shutil
@@ -24,6 +23,7 @@ import yaml
 
 from jaxperf import interop
 from jaxperf.models import bert
+from tests import data_scripts
 
 DATA = pathlib.Path(__file__).parent / 'data'
 TF_DIR = DATA / 'bert_tf1'
@@ -33,15 +33,7 @@ SIZES = {'vocab_size': 30, 'hidden_size': 16, 'num_layers': 2, 'num_heads': 2,
          'intermediate_size': 32, 'max_position': 64}
 
 
-def _maker():
-  spec = importlib.util.spec_from_file_location(
-      'make_bert_tf1_checkpoint', DATA / 'make_bert_tf1_checkpoint.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-MAKER = _maker()
+MAKER = data_scripts.load('make_bert_tf1_checkpoint')
 
 
 def expected_variables(**sizes):

@@ -8,9 +8,6 @@ computed on its weights.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,20 +15,12 @@ import pytest
 
 from jaxperf import interop
 from jaxperf.models import minigo
+from tests import data_scripts
 
-DATA = pathlib.Path(__file__).parent / 'data'
-TF_DIR = DATA / 'minigo_tf1'
-
-
-def _maker():
-  spec = importlib.util.spec_from_file_location(
-      'make_minigo_tf1_checkpoint', DATA / 'make_minigo_tf1_checkpoint.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+TF_DIR = data_scripts.DATA / 'minigo_tf1'
 
 
-MAKER = _maker()
+MAKER = data_scripts.load('make_minigo_tf1_checkpoint')
 
 
 def _model(**over) -> minigo.MiniGo:
