@@ -194,4 +194,8 @@ def auc(scores: Any, labels: Any, sample_weight: Any = None) -> float:
   fp *= 0.5
   below += fp
   del fp
-  return float(np.dot(tp, below)) / (total_positive * total_negative)
+  # Numerator and denominator summed alike (elementwise products, then
+  # numpy's pairwise sum), so that a perfect ranking, where every positive
+  # group sees the whole negative weight below it, gives exactly 1.
+  area = float(np.sum(np.multiply(tp, below, out=below)))
+  return area / float(np.sum(np.multiply(tp, total_negative, out=tp)))
