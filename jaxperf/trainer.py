@@ -258,6 +258,7 @@ class Trainer:
     gbs = int(cfg.global_batch_size)
     ebs = int(cfg.eval_batch_size)
     sched = w.setup(train_ds.num_examples)
+    steps_known = sched.steps_known
     train_epochs = w.train_length()
     total_steps = sched.steps_for(train_epochs)
     eval_epochs = w.eval_epochs(train_epochs)
@@ -373,7 +374,7 @@ class Trainer:
                 f'{_short_list(eval_epochs)}; '
                 if sched.unit == 'epochs' else
                 (f'{total_steps} steps ({train_epochs} {sched.unit}); '
-                 if getattr(sched, 'steps_known', True) else
+                 if steps_known else
                  f'up to {train_epochs} {sched.unit} (their steps known as '
                  f'their data is made); ')
                 + f'evals after {_short_list(eval_epochs)} {sched.unit}; ')
@@ -484,15 +485,15 @@ class Trainer:
       if done - last_print_step >= int(cfg.log_every_steps) or done == total_steps:
         last_print_step = done
         rec_loss = float(host['loss'][n - 1])
-        known = getattr(sched, 'steps_known', True)
         if sched.unit == 'epochs':
           where = f'epoch {sched.epoch_of(done):.2f}'
-        elif known:
+        elif steps_known:
           where = f'{sched.epoch_of(done):,.0f} {sched.unit}'
         else:     # the block in training, 1-based
           where = (f'{sched.unit.rstrip("s")} '
                    f'{max(math.ceil(sched.epoch_of(done) - 1e-9), 1)}')
-        parts = [f'step {done}/{total_steps}' if known else f'step {done}',
+        parts = [f'step {done}/{total_steps}' if steps_known
+                 else f'step {done}',
                  where, f'loss {rec_loss:.4f}']
         if 'learning_rate' in host:
           parts.append(f'lr {float(host["learning_rate"][n - 1]):.4g}')
@@ -500,7 +501,7 @@ class Trainer:
           parts.append(f'{rate:,.0f} ex/s')
           if flops_per_step and peak:
             parts.append(f'MFU {flops_per_step * rate / gbs / jax.device_count() / peak:.1%}')
-          if known:   # else later blocks' steps and data are not known
+          if steps_known:   # else later blocks' steps are not known yet
             parts.append(
                 f'ETA {_fmt_time((total_steps - done) * gbs / rate)}')
         if evals:

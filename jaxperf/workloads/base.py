@@ -63,6 +63,9 @@ class Schedule:
   train_examples: int
   global_batch: int
   unit: str = 'epochs'
+  # Whether every block's steps are known from the start (the step total
+  # and ETA of the progress lines mean something).
+  steps_known = True
 
   def steps_for(self, epochs: float) -> int:
     """Steps until `epochs` epochs of data have been seen (rounded up: the
